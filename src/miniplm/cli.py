@@ -1,0 +1,190 @@
+"""The `miniplm` command line: one subcommand per pipeline stage, each a thin layer over the Python API.
+
+Options come from the stage's config dataclass: every field is an option (nested fields dotted),
+`--config FILE.yaml` loads a YAML file first, and trailing `key.path=value` arguments override anything.
+Precedence: defaults < --config file < --options < key=value overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from typing import Any
+
+import yaml
+
+from miniplm import __version__
+from miniplm.config import (
+    ConfigError,
+    coerce,
+    iter_leaf_fields,
+    list_item_type,
+    load_config,
+    parse_override_value,
+    to_dict,
+    type_name,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    config_cls: type
+    run: Any  # (config, args) -> int
+    summary: str
+    description: str
+
+
+def _format_default(value: Any) -> str:
+    if dataclasses.is_dataclass(value) or isinstance(value, (dict, list)):
+        return yaml.safe_dump(to_dict(value), default_flow_style=True, width=1000, sort_keys=False).strip()
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    group = parser.add_argument_group("config options (also settable in the YAML file)")
+    for name, tp, default, help_text in iter_leaf_fields(cls):
+        flags = [f"--{name}"]
+        if "_" in name:
+            flags.append(f"--{name.replace('_', '-')}")
+        text = f"{help_text} [{type_name(tp)}; default: {_format_default(default)}]"
+        group.add_argument(
+            *flags,
+            dest=f"cfg:{name}",
+            nargs="+" if list_item_type(tp) is not None else None,
+            metavar="VALUE",
+            default=argparse.SUPPRESS,
+            help=text.replace("%", "%%"),
+        )
+
+
+def _typed(value: str | list[str], tp: Any, name: str) -> Any:
+    """Parse a command-line string as YAML, falling back to the raw string where the type takes one."""
+
+    def one(text: str, item_tp: Any) -> Any:
+        parsed = parse_override_value(text)
+        try:
+            coerce(parsed, item_tp, name)
+            return parsed
+        except ConfigError:
+            return text
+
+    if isinstance(value, list):
+        return [one(v, list_item_type(tp)) for v in value]
+    return one(value, tp)
+
+
+_OVERRIDE = re.compile(r"^([A-Za-z_]\w*)(\.\w+)*=")
+
+
+def build_config(command: Command, args: argparse.Namespace):
+    types = {name: tp for name, tp, _, _ in iter_leaf_fields(command.config_cls)}
+    roots = {f.name for f in dataclasses.fields(command.config_cls)}
+    overrides: dict[str, Any] = {}
+    trailing = list(args.overrides)
+    for dest, value in vars(args).items():
+        if dest.startswith("cfg:"):
+            name = dest[4:]
+            if isinstance(value, list):
+                # a list option swallows the key=value overrides typed after it: hand them back
+                is_override = [_OVERRIDE.match(v) is not None and _OVERRIDE.match(v)[1] in roots for v in value]
+                trailing += [v for v, o in zip(value, is_override) if o]
+                value = [v for v, o in zip(value, is_override) if not o]
+            overrides[name] = _typed(value, types[name], name)
+    for item in trailing:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, value = item.split("=", 1)
+        overrides[key] = parse_override_value(value)
+    return load_config(command.config_cls, args.config, overrides)
+
+
+def _run_prepare(config, args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from miniplm.data.prepare import prepare, summary_rows
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 120)  # logs and CI: do not squeeze the table into 80 columns
+    manifest = prepare(config, force=args.force, log=lambda msg: console.print(msg, highlight=False))
+    header, rows = summary_rows(manifest)
+    table = Table(title=f"prepared {config.output} (tokens; the last columns split them by D/D_ref/held-out)")
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*[f"{v:,}" if isinstance(v, int) else str(v) for v in row])
+    console.print(table)
+    docs = manifest["documents"]
+    reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(docs["skip_reasons"].items())) or "none"
+    console.print(f"documents read {docs['read']:,} = packed {docs['packed']:,} + skipped {docs['skipped']:,} "
+                  f"({reasons}); wall time {manifest['wall_seconds']:.1f} s", highlight=False)
+    return 0
+
+
+def _commands() -> list[Command]:
+    from miniplm.data.prepare import PrepareConfig
+
+    return [
+        Command(
+            "prepare",
+            PrepareConfig,
+            _run_prepare,
+            "pack a corpus into instances in the teacher's tokenizer, with D_ref and held-out splits",
+            "Read jsonl/parquet/txt/HF datasets, encode each document with the teacher's tokenizer, append "
+            "EOS, pack per domain into instances of at most max_len+1 tokens cut at sentence boundaries, "
+            "split documents into train (D), ref (D_ref) and held-out sets, and write token shards with a "
+            "manifest. Without inputs it uses the default corpus (seven sources from package registries). "
+            "A rerun with the same config and inputs is skipped.\n\n"
+            "examples:\n"
+            "  miniplm prepare\n"
+            "  miniplm prepare --inputs 'data/*.jsonl.zst' --tokenizer path/to/tok --output out/corpus\n"
+            "  miniplm prepare -c prepare.yaml max_len=512 splits.ref.fraction=0.1",
+        ),
+    ]
+
+
+def make_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    parser = argparse.ArgumentParser(
+        prog="miniplm",
+        description="MiniPLM: knowledge distillation for pre-training by Difference Sampling "
+        "(arXiv 2410.17215). Each subcommand is one pipeline stage; see `miniplm <command> --help`.",
+    )
+    parser.add_argument("--version", action="version", version=f"miniplm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    commands = {}
+    for command in _commands():
+        p = sub.add_parser(command.name, help=command.summary, description=command.description,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-c", "--config", metavar="FILE.yaml", help="YAML config file (keys as the options below)")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+        p.add_argument("--force", action="store_true", help="redo the stage even if its output is up to date")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted overrides, e.g. max_len=512")
+        _add_config_options(p, command.config_cls)
+        commands[command.name] = command
+    return parser, commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, commands = make_parser()
+    args = parser.parse_args(argv)
+    command = commands[args.command]
+    try:
+        config = build_config(command, args)
+        if args.print_config:
+            print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+            return 0
+        return command.run(config, args)
+    except (ConfigError, FileNotFoundError, ValueError, OSError, ImportError, RuntimeError) as exc:
+        print(f"miniplm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"miniplm {args.command}: interrupted; rerun the same command to start again", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

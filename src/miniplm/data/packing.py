@@ -1,0 +1,171 @@
+"""Packing documents into instances as MiniPLM does.
+
+Each document is encoded without special tokens and gets EOS appended. Tokens go into one buffer per
+domain, so an instance never mixes domains but may span documents. Whenever a buffer holds max_len + 1
+tokens (max_len training positions plus one for the shift), the chunk is cut back to its last sentence
+boundary and the tail stays in the buffer; a chunk with no boundary at all is cut hard at max_len + 1.
+Chunks of <= 1 token are dropped (they have no position to train on).
+
+A sentence boundary ends at a token that is EOS or another special token, contains a newline, or ends
+in one of `.!?;` and is followed by whitespace (the whitespace either ends the same token or starts the
+next one, which covers byte-level BPE's 'Ġword' and SentencePiece's '▁word').
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SENTENCE_END = (".", "!", "?", ";")
+
+
+@dataclass(frozen=True)
+class BoundaryTable:
+    """Per-vocabulary-id flags used to find sentence boundaries with vectorised lookups."""
+
+    always: np.ndarray  # bool: EOS/special or contains a newline, or punctuation+whitespace in one token
+    ends_sentence: np.ndarray  # bool: ends in . ! ? ;
+    starts_space: np.ndarray  # bool: begins with whitespace
+
+    @classmethod
+    def from_strings(cls, pieces: list[str], raw_pieces: list[str], special_ids: set[int]) -> BoundaryTable:
+        """`pieces`: each id decoded alone; `raw_pieces`: the vocabulary strings (for 'Ġ'/'▁' markers)."""
+        n = len(pieces)
+        always = np.zeros(n, dtype=bool)
+        ends = np.zeros(n, dtype=bool)
+        starts = np.zeros(n, dtype=bool)
+        for i, (piece, raw) in enumerate(zip(pieces, raw_pieces)):
+            stripped = piece.rstrip()
+            always[i] = i in special_ids or "\n" in piece or (stripped != piece and stripped.endswith(SENTENCE_END))
+            ends[i] = piece.endswith(SENTENCE_END)
+            starts[i] = piece[:1].isspace() or raw[:1] in ("Ġ", "▁", " ")
+        return cls(always, ends, starts)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> BoundaryTable:
+        ids = list(range(len(tokenizer)))
+        pieces = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
+        raw = [t or "" for t in tokenizer.convert_ids_to_tokens(ids)]
+        return cls.from_strings(pieces, raw, set(tokenizer.all_special_ids))
+
+    def flags(self, tokens: np.ndarray) -> np.ndarray:
+        """flags[i] is True when a sentence ends at tokens[i] (the cut may come right after it)."""
+        flags = self.always[tokens]
+        flags[:-1] |= self.ends_sentence[tokens[:-1]] & self.starts_space[tokens[1:]]
+        return flags
+
+
+@dataclass
+class Instance:
+    tokens: np.ndarray  # int64, length 2..max_len+1
+    domain: str
+    doc_indices: np.ndarray  # int64, the documents whose tokens it holds, in order
+
+
+@dataclass
+class PackingStats:
+    instances: int = 0
+    tokens: int = 0  # tokens in emitted instances
+    dropped_tokens: int = 0  # tokens in chunks of <= 1 token
+    truncated_documents: int = 0  # documents cut short by max_chunks_per_document
+    truncated_tokens: int = 0
+    hard_cuts: int = 0  # chunks with no sentence boundary, cut at max_len + 1
+
+
+class _Buffer:
+    """One domain's pending tokens. A start pointer avoids re-copying the tail after every cut."""
+
+    def __init__(self) -> None:
+        self.tokens = np.empty(0, dtype=np.int64)
+        self.flags = np.empty(0, dtype=bool)
+        self.docs = np.empty(0, dtype=np.int64)
+        self.start = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens) - self.start
+
+    def append(self, tokens: np.ndarray, flags: np.ndarray, doc_index: int) -> None:
+        s = self.start
+        self.tokens = np.concatenate([self.tokens[s:], tokens])
+        self.flags = np.concatenate([self.flags[s:], flags])
+        self.docs = np.concatenate([self.docs[s:], np.full(len(tokens), doc_index, dtype=np.int64)])
+        self.start = 0
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        s = self.start
+        self.start += n
+        return self.tokens[s : s + n].copy(), self.docs[s : s + n]
+
+    def drop_document(self, doc_index: int) -> int:
+        """Remove the pending tokens of one document (it is always the last one appended)."""
+        keep = self.docs[self.start :] != doc_index
+        removed = int((~keep).sum())
+        s = self.start
+        self.tokens, self.flags, self.docs = self.tokens[s:][keep], self.flags[s:][keep], self.docs[s:][keep]
+        self.start = 0
+        return removed
+
+
+class Packer:
+    """Feeds documents in, gets instances out. Deterministic: same documents in, same instances out."""
+
+    def __init__(
+        self,
+        max_len: int,
+        eos_id: int,
+        boundaries: BoundaryTable,
+        max_chunks_per_document: int | None = None,
+    ) -> None:
+        if max_len < 8:
+            raise ValueError(f"max_len must be at least 8 (got {max_len})")
+        self.max_len = max_len
+        self.eos_id = eos_id
+        self.boundaries = boundaries
+        self.max_chunks = max_chunks_per_document
+        self.buffers: dict[str, _Buffer] = {}
+        self.stats = PackingStats()
+
+    def add(self, token_ids: list[int] | np.ndarray, domain: str, doc_index: int) -> list[Instance]:
+        """Append one document (without EOS; it is added here) and return the instances it completes."""
+        tokens = np.empty(len(token_ids) + 1, dtype=np.int64)
+        tokens[:-1] = token_ids
+        tokens[-1] = self.eos_id
+        buffer = self.buffers.setdefault(domain, _Buffer())
+        buffer.append(tokens, self.boundaries.flags(tokens), doc_index)
+        out: list[Instance] = []
+        window = self.max_len + 1
+        while len(buffer) >= window:
+            flags = buffer.flags[buffer.start : buffer.start + window]
+            ends = np.flatnonzero(flags)
+            if len(ends):
+                cut = int(ends[-1]) + 1
+            else:
+                cut = window
+                self.stats.hard_cuts += 1
+            self._emit(out, *buffer.take(cut), domain)
+            if self.max_chunks is not None and len(out) >= self.max_chunks and len(buffer):
+                removed = buffer.drop_document(doc_index)
+                if removed:
+                    self.stats.truncated_documents += 1
+                    self.stats.truncated_tokens += removed
+                break
+        return out
+
+    def flush(self) -> list[Instance]:
+        """The remainders of all buffers (each <= max_len + 1 tokens), in domain first-seen order."""
+        out: list[Instance] = []
+        for domain, buffer in self.buffers.items():
+            if len(buffer):
+                self._emit(out, *buffer.take(len(buffer)), domain)
+        self.buffers.clear()
+        return out
+
+    def _emit(self, out: list[Instance], tokens: np.ndarray, docs: np.ndarray, domain: str) -> None:
+        if len(tokens) <= 1:
+            self.stats.dropped_tokens += len(tokens)
+            return
+        # docs is non-decreasing within a buffer, so unique() keeps document order
+        out.append(Instance(tokens, domain, np.unique(docs)))
+        self.stats.instances += 1
+        self.stats.tokens += len(tokens)

@@ -1,0 +1,371 @@
+"""`miniplm prepare`: raw corpus -> packed instances in the teacher's tokenizer, split by document.
+
+Output directory:
+    manifest.json        inputs (sha256), tokenizer, config and its hash, versions, counts, skips
+    documents.parquet    one row per document read: doc_index, doc_id, source, record, domain, split,
+                         n_tokens (with EOS; 0 when skipped), skip, detail
+    tokenizer/           the tokenizer, saved, so later stages load exactly what packed the corpus
+    <split>/             packed instances of each split (see miniplm.data.shards): train = D,
+                         ref = D_ref for the reference LM, held-out evaluation splits
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from miniplm.config import ConfigError, config_hash, option, to_dict
+from miniplm.data import default_corpus
+from miniplm.data.packing import BoundaryTable, Packer
+from miniplm.data.readers import (
+    BadRecordError,
+    Document,
+    Fields,
+    InputSpec,
+    expand_inputs,
+    input_bytes,
+    read_documents,
+)
+from miniplm.data.shards import ShardWriter, token_dtype
+from miniplm.manifest import is_up_to_date, manifest_key, new_manifest, read_manifest, staged_output, write_json_atomic
+from miniplm.tokenizer import DEFAULT_TOKENIZER, file_sha256, load_tokenizer, source_fingerprint
+
+FORMAT_VERSION = 1  # bump when the on-disk layout or the packing rule changes
+TRAIN_SPLIT = "train"
+DEFAULT_INPUT = "default"
+
+DOCUMENT_SCHEMA = pa.schema(
+    [
+        ("doc_index", pa.int64()),
+        ("doc_id", pa.string()),
+        ("source", pa.string()),
+        ("record", pa.int64()),
+        ("domain", pa.string()),
+        ("split", pa.string()),
+        ("n_tokens", pa.int64()),
+        ("skip", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+@dataclass
+class SplitSpec:
+    fraction: float = option(0.0, "share of documents (so, in expectation, of tokens) assigned to this split")
+    domains: list[str] | None = option(None, "only documents of these domains are eligible (null: all)")
+
+
+def _default_splits() -> dict[str, SplitSpec]:
+    return {
+        "ref": SplitSpec(0.05),
+        "heldout": SplitSpec(0.01),
+        "heldout_hq": SplitSpec(0.05, ["wikipedia"]),
+    }
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str | InputSpec] = option(
+        default_factory=lambda: [DEFAULT_INPUT],
+        help="files, directories or globs (jsonl[.gz|.zst], parquet, .txt, HF save_to_disk), or mappings "
+        "{path, format, domain}; 'default' is the default corpus, assembled from package registries",
+    )
+    output: str = option("out/corpus", "output directory")
+    tokenizer: str = option(DEFAULT_TOKENIZER, "HF tokenizer: local directory, hub id, .gguf file, or 'smollm2'")
+    trust_remote_code: bool = option(False, "allow a tokenizer's own code from its directory or hub repo to run")
+    text_field: str = option("text", "record field holding the document text")
+    domain_field: str | None = option("domain", "record field naming the domain (null: one domain)")
+    id_field: str | None = option("id", "record field holding a document id (default: file:line)")
+    default_domain: str = option("default", "domain of records without a domain field")
+    eos_token: str | None = option(None, "token appended to every document (null: the tokenizer's EOS)")
+    max_len: int = option(1024, "training positions per instance; instances hold up to max_len + 1 tokens")
+    max_chunks_per_document: int | None = option(2000, "stop a document after this many instances (null: no cap)")
+    max_documents_per_domain: int | None = option(None, "use only the first N documents of each domain")
+    splits: dict[str, SplitSpec] = option(
+        default_factory=_default_splits,
+        help="named splits carved out of the corpus by document; the rest is 'train' (D). ref is D_ref "
+        "(5% as the paper's 5B of 105B), heldout a held-out sample of the mix, heldout_hq a held-out "
+        "high-quality set (empty when no document has one of its domains)",
+    )
+    seed: int = option(10, "seed for split assignment and shuffling (the paper's seed)")
+    shuffle: bool = option(False, "shuffle instances within each shard (students read in stored order)")
+    shard_tokens: int = option(1 << 26, "tokens per shard file")
+    on_bad_record: Literal["skip", "fail"] = option("skip", "bad records: count and skip, or stop with an error")
+    batch_documents: int = option(256, "documents per tokenizer call")
+    progress: bool = option(True, "show a progress bar")
+
+    # fields that change how the work runs but not what it produces
+    NOT_HASHED = ("output", "batch_documents", "progress", "on_bad_record")
+
+    def validate(self) -> None:
+        if self.max_len < 8:
+            raise ConfigError(f"max_len: must be at least 8, got {self.max_len}")
+        if not self.inputs:
+            raise ConfigError("inputs: give at least one file, directory or glob (or 'default')")
+        for name, spec in self.splits.items():
+            if name == TRAIN_SPLIT:
+                raise ConfigError(f"splits.{TRAIN_SPLIT}: '{TRAIN_SPLIT}' is the remainder; it takes no fraction")
+            if not 0 <= spec.fraction < 1:
+                raise ConfigError(f"splits.{name}.fraction: must be in [0, 1), got {spec.fraction}")
+        if sum(s.fraction for s in self.splits.values()) >= 1:
+            raise ConfigError("splits: the fractions add up to 1 or more, leaving nothing for train")
+        for key in ("max_chunks_per_document", "max_documents_per_domain", "shard_tokens", "batch_documents"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {value}")
+
+
+def split_point(seed: int, doc_id: str) -> float:
+    """A uniform number in [0, 1) fixed by seed and document id."""
+    digest = hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def assign_split(u: float, domain: str, splits: dict[str, SplitSpec]) -> str:
+    """Splits take consecutive intervals of [0, 1) among those the domain is eligible for."""
+    low = 0.0
+    for name, spec in splits.items():
+        if spec.domains is not None and domain not in spec.domains:
+            continue
+        if u < low + spec.fraction:
+            return name
+        low += spec.fraction
+    return TRAIN_SPLIT
+
+
+@dataclass
+class DomainCounts:
+    documents: int = 0
+    skipped: int = 0
+    tokens: int = 0
+    splits: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # documents per split
+
+
+def _input_specs(config: PrepareConfig, log) -> list[InputSpec]:
+    specs = []
+    for item in config.inputs:
+        if item == DEFAULT_INPUT:
+            root = default_corpus.ensure_default_corpus(log=log)
+            specs.extend(InputSpec(str(p)) for p in default_corpus.default_corpus_files(root))
+        else:
+            specs.append(item if isinstance(item, InputSpec) else InputSpec(item))
+    return specs
+
+
+class _DocumentTable:
+    """Streams documents.parquet in row groups so memory stays flat on large corpora."""
+
+    def __init__(self, path: Path):
+        self.writer = pq.ParquetWriter(path, DOCUMENT_SCHEMA)
+        self.rows: list[dict] = []
+
+    def add(self, doc: Document, index: int, split: str | None, n_tokens: int) -> None:
+        self.rows.append(dict(doc_index=index, doc_id=doc.doc_id, source=doc.source, record=doc.record,
+                              domain=doc.domain, split=split, n_tokens=n_tokens, skip=doc.skip, detail=doc.detail))
+        if len(self.rows) >= 65536:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=DOCUMENT_SCHEMA))
+            self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def prepare(config: PrepareConfig, force: bool = False, log=print) -> dict:
+    """Run the stage (or reuse an up-to-date output) and return its manifest."""
+    started = time.time()
+    specs = _input_specs(config, log)
+    files = expand_inputs(specs)
+    inputs = [{"path": f.path, "format": f.format, "bytes": input_bytes(f), "sha256": _input_hash(f.path)}
+              for f in files]
+    tokenizer_id = source_fingerprint(config.tokenizer)
+    cfg_hash = config_hash(config, exclude=PrepareConfig.NOT_HASHED)
+    key = manifest_key(FORMAT_VERSION, cfg_hash, [(i["path"], i["sha256"]) for i in inputs], tokenizer_id)
+    if not force and is_up_to_date(config.output, key):
+        log(f"prepare: {config.output} is up to date (key {key}); pass --force to rebuild")
+        return read_manifest(config.output)
+
+    tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
+    eos_id = _eos_id(tokenizer, config)
+    vocab_size = len(tokenizer)
+    dtype = token_dtype(vocab_size)
+    boundaries = BoundaryTable.from_tokenizer(tokenizer)
+    fields = Fields(config.text_field, config.domain_field, config.id_field, config.default_domain)
+    split_names = [TRAIN_SPLIT, *config.splits]
+
+    with staged_output(config.output) as out:
+        tokenizer.save_pretrained(out / "tokenizer")
+        packers = {s: Packer(config.max_len, eos_id, boundaries, config.max_chunks_per_document) for s in split_names}
+        writers = {s: ShardWriter(out / s, dtype, config.shard_tokens, config.shuffle, config.seed) for s in split_names}
+        documents = _DocumentTable(out / "documents.parquet")
+        domains: dict[str, DomainCounts] = defaultdict(DomainCounts)
+        skip_reasons: dict[str, int] = defaultdict(int)
+        skip_examples: list[str] = []
+        doc_index = 0
+
+        def skip(doc: Document) -> None:
+            nonlocal doc_index
+            if config.on_bad_record == "fail" and doc.skip != "over_limit":
+                raise BadRecordError(doc)
+            domains[doc.domain].skipped += 1
+            skip_reasons[doc.skip] += 1
+            if len(skip_examples) < 20:
+                skip_examples.append(f"{doc.where()}: {doc.skip}: {doc.detail}")
+            documents.add(doc, doc_index, None, 0)
+            doc_index += 1
+
+        def pack(batch: list[Document]) -> None:
+            nonlocal doc_index
+            encoded = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]
+            for doc, ids in zip(batch, encoded):
+                split = assign_split(split_point(config.seed, doc.doc_id), doc.domain, config.splits)
+                for instance in packers[split].add(ids, doc.domain, doc_index):
+                    writers[split].add(instance)
+                counts = domains[doc.domain]
+                counts.documents += 1
+                counts.tokens += len(ids) + 1
+                counts.splits[split] += 1
+                documents.add(doc, doc_index, split, len(ids) + 1)
+                doc_index += 1
+
+        total_bytes = sum(i["bytes"] for i in inputs)
+        with _progress(config.progress, total_bytes) as advance:
+            batch: list[Document] = []
+            per_domain: dict[str, int] = defaultdict(int)
+            for doc in read_documents(files, fields, on_bytes=advance):
+                if doc.skip is None and config.max_documents_per_domain is not None:
+                    per_domain[doc.domain] += 1
+                    if per_domain[doc.domain] > config.max_documents_per_domain:
+                        doc.text, doc.skip, doc.detail = None, "over_limit", "beyond max_documents_per_domain"
+                if doc.skip is not None:
+                    if batch:  # keep documents.parquet in reading order
+                        pack(batch)
+                        batch = []
+                    skip(doc)
+                    continue
+                batch.append(doc)
+                if len(batch) >= config.batch_documents:
+                    pack(batch)
+                    batch = []
+            if batch:
+                pack(batch)
+
+        splits_summary = {}
+        for name in split_names:
+            for instance in packers[name].flush():
+                writers[name].add(instance)
+            summary = writers[name].close()
+            summary["documents"] = sum(c.splits.get(name, 0) for c in domains.values())
+            summary["packing"] = vars(packers[name].stats)
+            splits_summary[name] = summary
+        documents.close()
+
+        read = doc_index
+        packed = sum(c.documents for c in domains.values())
+        skipped = sum(c.skipped for c in domains.values())
+        assert read == packed + skipped, "document accounting is broken"
+        _warn_empty_splits(config, splits_summary, log)
+        manifest = new_manifest(
+            "prepare", key, to_dict(config),
+            config_hash=cfg_hash,
+            format_version=FORMAT_VERSION,
+            inputs=inputs,
+            tokenizer={"spec": config.tokenizer, "fingerprint": tokenizer_id, "class": type(tokenizer).__name__,
+                       "vocab_size": vocab_size, "eos_id": eos_id, "eos_token": tokenizer.convert_ids_to_tokens(eos_id),
+                       "path": "tokenizer", "dtype": dtype.name},
+            max_len=config.max_len,
+            documents={"read": read, "packed": packed, "skipped": skipped, "skip_reasons": dict(skip_reasons),
+                       "skip_examples": skip_examples},
+            domains={d: {"documents": c.documents, "skipped": c.skipped, "tokens": c.tokens,
+                         "split_documents": dict(c.splits)} for d, c in sorted(domains.items())},
+            splits=splits_summary,
+            wall_seconds=round(time.time() - started, 2),
+        )
+        write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def _input_hash(path: str) -> str:
+    p = Path(path)
+    if p.is_file():
+        return file_sha256(p)
+    digest = hashlib.sha256()
+    for child in sorted(c for c in p.rglob("*") if c.is_file()):
+        digest.update(str(child.relative_to(p)).encode())
+        digest.update(file_sha256(child).encode())
+    return digest.hexdigest()
+
+
+def _eos_id(tokenizer, config: PrepareConfig) -> int:
+    if config.eos_token is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"tokenizer '{config.tokenizer}' has no EOS token; set eos_token to one of its tokens")
+        return int(tokenizer.eos_token_id)
+    eos_id = tokenizer.convert_tokens_to_ids(config.eos_token)
+    if eos_id is None or eos_id == tokenizer.unk_token_id:
+        raise ConfigError(f"eos_token: {config.eos_token!r} is not a token of '{config.tokenizer}'")
+    return int(eos_id)
+
+
+def _warn_empty_splits(config: PrepareConfig, splits: dict, log) -> None:
+    for name, spec in config.splits.items():
+        if spec.fraction > 0 and splits[name]["instances"] == 0:
+            where = f" (domains {spec.domains})" if spec.domains else ""
+            log(f"warning: split '{name}'{where} received no documents")
+
+
+class _progress:
+    """A rich progress bar over input bytes (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+
+        self.bar = Progress(TextColumn("prepare"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        self.bar.start()
+        task = self.bar.add_task("prepare", total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()
+        return False
+
+
+def summary_rows(manifest: dict) -> tuple[list[str], list[list]]:
+    """The per-domain table printed at the end: documents, skipped, tokens, instances, tokens per split."""
+    split_names = list(manifest["splits"])
+    per_domain_instances: dict[str, int] = defaultdict(int)
+    per_domain_tokens: dict[str, int] = defaultdict(int)
+    per_split_domain: dict[tuple[str, str], int] = defaultdict(int)
+    for split, info in manifest["splits"].items():
+        for domain, counts in info["domains"].items():
+            per_domain_instances[domain] += counts["instances"]
+            per_domain_tokens[domain] += counts["tokens"]
+            per_split_domain[(split, domain)] += counts["tokens"]
+    header = ["domain", "documents", "skipped", "tokens", "instances", *split_names]
+    rows = []
+    for domain, counts in manifest["domains"].items():
+        rows.append([domain, counts["documents"], counts["skipped"], per_domain_tokens[domain],
+                     per_domain_instances[domain], *[per_split_domain[(s, domain)] for s in split_names]])
+    totals = ["total"] + [sum(r[i] for r in rows) for i in range(1, len(header))]
+    rows.append(totals)
+    return header, rows

@@ -1,0 +1,91 @@
+"""Stage manifests: what an output was made from, so a rerun skips done work and never reuses stale output.
+
+A stage writes everything into `<output>.partial/`, then writes `manifest.json` there and swaps the
+directory into place. An output directory therefore either holds a complete result with its manifest or
+does not exist; a killed run leaves only `.partial`, which the next run deletes. The manifest's `key`
+hashes everything that determines the output (config, input content hashes, tokenizer, format version);
+the stage is skipped only when the key matches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+_VERSIONED = ("miniplm", "numpy", "pyarrow", "tokenizers", "transformers", "torch")
+
+
+def package_versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def manifest_key(*parts) -> str:
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_manifest(output: str | Path) -> dict | None:
+    path = Path(output) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None  # a damaged manifest means the output cannot be trusted: redo the stage
+
+
+def is_up_to_date(output: str | Path, key: str) -> bool:
+    manifest = read_manifest(output)
+    return manifest is not None and manifest.get("key") == key
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def staged_output(output: str | Path):
+    """Yield a fresh `<output>.partial` directory; on success it replaces `output` whole."""
+    output = Path(output)
+    partial = output.with_name(output.name + ".partial")
+    old = output.with_name(output.name + ".old")
+    for leftover in (partial, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if output.exists():
+        os.replace(output, old)
+    os.replace(partial, output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def new_manifest(stage: str, key: str, config: dict, **fields) -> dict:
+    return {
+        "stage": stage,
+        "key": key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": package_versions(),
+        "config": config,
+        **fields,
+    }

@@ -1,0 +1,54 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_corpus
+from miniplm.cli import main
+
+
+def test_prepare_help_documents_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prepare", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option, default in [("--max-len", "default: 1024"), ("--tokenizer", "default: smollm2"),
+                            ("--on-bad-record", "default: skip"), ("--splits", "fraction: 0.05"),
+                            ("--inputs", "default: [default]"), ("--seed", "default: 10")]:
+        assert option in out and default in out
+
+
+def test_cli_options_yaml_and_dotted_overrides(tmp_path, capsys):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("max_len: 64\nseed: 3\nsplits:\n  ref:\n    fraction: 0.1\n")
+    code = main(["prepare", "-c", str(cfg), "--seed", "4", "--inputs", "a/*.jsonl", "{path: b, domain: web}",
+                 "splits.ref.fraction=0.2", "--print-config"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "max_len: 64" in out and "seed: 4" in out and "fraction: 0.2" in out
+    assert "- a/*.jsonl" in out and "domain: web" in out
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["prepare", "max_lenn=64"]) == 2
+    assert "did you mean 'max_len'" in capsys.readouterr().err
+    assert main(["prepare", "--max-len", "4"]) == 2
+    assert "max_len: must be at least 8" in capsys.readouterr().err
+    assert main(["prepare", "--inputs", str(tmp_path / "none*.jsonl"), "--progress", "false"]) == 2
+    assert "matched no readable files" in capsys.readouterr().err
+
+
+def test_prepare_end_to_end_through_the_entry_point(tmp_path, tokenizer_dir):
+    make_corpus(tmp_path / "corpus", n_docs=20)
+    cmd = [sys.executable, "-m", "miniplm", "prepare", "--inputs", str(tmp_path / "corpus"),
+           "--tokenizer", str(tokenizer_dir), "--output", str(tmp_path / "out"), "--max-len", "32"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for column in ("domain", "documents", "skipped", "tokens", "instances", "train", "ref"):
+        assert column in result.stdout
+    assert "documents read 40 = packed 40 + skipped 0" in result.stdout
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["documents"]["read"] == 40
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0 and "up to date" in again.stdout
