@@ -52,3 +52,39 @@ def make_corpus(root: Path, n_docs: int = 60, domains=("news", "books")) -> Path
             records.append({"text": f"{d} document {i}. {text}", "domain": d, "id": f"{d}-{i}"})
         write_jsonl(root / f"{d}.jsonl", records)
     return root
+
+
+def save_tiny_llama(path: Path, tokenizer_dir: Path, seed: int = 0, layers: int = 2, context: int = 256) -> Path:
+    """A tiny Llama built from a config, saved as safetensors with the test tokenizer beside it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=context,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def prepared_corpus(tmp_path_factory, tokenizer_dir) -> Path:
+    """A corpus prepared with the test tokenizer (max_len 64), shared by the scoring tests."""
+    from miniplm.config import load_config
+    from miniplm.data.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    make_corpus(root / "raw", n_docs=80)
+    cfg = load_config(PrepareConfig, None, {"inputs": [str(root / "raw")], "output": str(root / "corpus"),
+                                            "tokenizer": str(tokenizer_dir), "max_len": 64, "progress": False})
+    prepare(cfg, log=lambda m: None)
+    return root / "corpus"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 from typing import Any
@@ -125,8 +126,20 @@ def _run_prepare(config, args) -> int:
     return 0
 
 
+def _run_score(config, args) -> int:
+    from miniplm.scoring.run import score
+
+    manifest = score(config, force=args.force)
+    if manifest is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"scored {manifest['instances']:,} instances ({manifest['tokens_scored']:,} positions) of "
+              f"{config.corpus}/{config.split} with {config.model} into {config.output} "
+              f"in {manifest['wall_seconds']:.1f} s")
+    return 0
+
+
 def _commands() -> list[Command]:
     from miniplm.data.prepare import PrepareConfig
+    from miniplm.scoring.run import ScoreConfig
 
     return [
         Command(
@@ -143,6 +156,22 @@ def _commands() -> list[Command]:
             "  miniplm prepare\n"
             "  miniplm prepare --inputs 'data/*.jsonl.zst' --tokenizer path/to/tok --output out/corpus\n"
             "  miniplm prepare -c prepare.yaml max_len=512 splits.ref.fraction=0.1",
+        ),
+        Command(
+            "score",
+            ScoreConfig,
+            _run_score,
+            "log-probs of every instance under a model (teacher or reference), resumable",
+            "For every instance of a packed split: the sum of log p(x_t | x_<t) over its scored positions and "
+            "their count (inputs shifted by one; positions whose input token is EOS/pad are not scored, as "
+            "the paper's loss mask). Output: parquet parts (instance_id, n_scored, logp_sum) and a manifest. "
+            "Teacher and reference are separate runs that join on instance_id. Killed runs resume where they "
+            "stopped. Scale out with torchrun or Ray.\n\n"
+            "examples:\n"
+            "  miniplm score --model smollm2 --corpus out/corpus --output out/scores/teacher\n"
+            "  miniplm score --model out/ref/final --corpus out/corpus --output out/scores/ref\n"
+            "  torchrun --nproc-per-node 8 -m miniplm score --model M --corpus C --output O\n"
+            "  miniplm score --model M --corpus C --output O --executor ray --ray-address auto",
         ),
     ]
 

@@ -65,7 +65,7 @@ def load_tokenizer(spec: str = DEFAULT_TOKENIZER, trust_remote_code: bool = Fals
 
     source, gguf_file = resolve_source(spec)
     if gguf_file is not None:
-        _require("gguf", "reading a GGUF file")
+        require_module("gguf", "reading a GGUF file")
     try:
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
@@ -103,6 +103,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _require(module: str, purpose: str) -> None:
+def require_module(module: str, purpose: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ImportError(f"{purpose} needs the '{module}' package: pip install {module}")

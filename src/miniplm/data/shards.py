@@ -155,3 +155,34 @@ class PackedSplit:
         """This worker's contiguous share of instance indices."""
         n = len(self)
         return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+class PackedCorpus:
+    """A `miniplm prepare` output: its manifest, its splits and the tokenizer that packed it."""
+
+    def __init__(self, path: str | Path):
+        from miniplm.manifest import read_manifest
+
+        self.path = Path(path)
+        manifest = read_manifest(self.path)
+        if manifest is None or manifest.get("stage") != "prepare":
+            raise FileNotFoundError(f"{self.path} is not a prepared corpus (no prepare manifest.json); "
+                                    f"run `miniplm prepare --output {self.path}` first")
+        self.manifest = manifest
+        self.key: str = manifest["key"]
+        self.eos_id: int = manifest["tokenizer"]["eos_id"]
+        self.dtype = np.dtype(manifest["tokenizer"]["dtype"])
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def split(self, name: str) -> PackedSplit:
+        if name not in self.manifest["splits"]:
+            raise ValueError(f"{self.path} has no split '{name}'; it has: {', '.join(self.split_names)}")
+        return PackedSplit(self.path / name, self.dtype)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path / self.manifest["tokenizer"]["path"])

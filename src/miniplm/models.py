@@ -1,0 +1,75 @@
+"""Load HF causal LMs (teacher, reference, students) from a directory, a hub id, a GGUF file or an alias.
+
+Weights load only from safetensors or GGUF (`use_safetensors=True` refuses pickled `.bin` checkpoints),
+and `trust_remote_code` stays off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from miniplm.tokenizer import require_module, resolve_source
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def load_causal_lm(spec: str, trust_remote_code: bool = False, device: str | torch.device = "cpu"):
+    """An fp32 `AutoModelForCausalLM` in eval mode (autocast, not the weights, sets compute precision)."""
+    from transformers import AutoModelForCausalLM
+
+    source, gguf_file = resolve_source(spec)
+    kwargs = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        require_module("gguf", "reading a GGUF file")
+        require_module("accelerate", "loading a GGUF model")
+        kwargs["gguf_file"] = gguf_file
+    else:
+        kwargs["use_safetensors"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as exc:
+        if "GGUF model with architecture" in str(exc):
+            from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+            raise ValueError(
+                f"cannot load {spec}: {exc} transformers reads GGUF files of these architectures: "
+                f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}; convert the model to safetensors instead"
+            ) from None
+        raise
+    except OSError as exc:
+        raise OSError(f"could not load model '{spec}': {exc}") from None
+    return model.to(device).eval()
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model's position embeddings cover (None when unbounded, e.g. Mamba)."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device` (None: plain fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and _cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -1,0 +1,113 @@
+"""Per-instance log-probabilities of a causal LM, computed exactly and without a full-vocabulary blow-up.
+
+For an instance x of n tokens the inputs are x[:-1] and the targets x[1:]. Position t is scored unless
+its *input* token x[t] is EOS or pad: the first token of a document cannot be predicted from the previous
+document, and the paper's loss mask (pad inputs masked, pad = EOS for its models) drops exactly these
+positions. The scorer returns, per instance, logp_sum = sum of log p(x[t+1] | x[:t+1]) over scored
+positions, and n_scored.
+
+Speed without approximation: the backbone runs once on a right-padded batch; only the scored positions'
+hidden states go through the output layer, a chunk of positions at a time, so the [tokens, vocab] logits
+exist for one chunk only. log-softmax is taken in fp32 and the per-instance sum in fp64, whatever the
+autocast dtype of the matmuls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+_OOM = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (torch.cuda.OutOfMemoryError,)
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, _OOM) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+class LogProbScorer:
+    def __init__(
+        self,
+        model,
+        masked_input_ids: set[int],
+        autocast_dtype: torch.dtype | None = None,
+        head_chunk_tokens: int = 2048,
+        log: Callable[[str], None] = print,
+    ):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.masked_input_ids = torch.tensor(sorted(masked_input_ids), dtype=torch.long, device=self.device)
+        self.pad_id = int(min(masked_input_ids)) if masked_input_ids else 0
+        self.autocast_dtype = autocast_dtype
+        self.head_chunk_tokens = head_chunk_tokens
+        self.log = log
+        self.backbone = model.base_model
+        self.head = model.get_output_embeddings()
+        self.chunked_head = self.head is not None and self._chunked_head_matches_model()
+        if not self.chunked_head:
+            log(f"{type(model).__name__}: its logits are not lm_head(hidden states); scoring from full logits")
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @torch.inference_mode()
+    def _chunked_head_matches_model(self) -> bool:
+        """Some families post-process logits (soft-capping, scaling); then use the model's own logits."""
+        vocab = self.head.weight.shape[0]
+        ids = torch.arange(16, device=self.device).remainder(vocab).view(1, -1)
+        full = self.model(input_ids=ids, use_cache=False).logits.float()
+        hidden = self.backbone(input_ids=ids, use_cache=False)[0]
+        return torch.allclose(full, self.head(hidden).float(), atol=1e-4, rtol=1e-4)
+
+    def score(self, instances: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(logp_sum float64 [B], n_scored int64 [B]); halves the batch and retries on out-of-memory."""
+        try:
+            return self._score(instances)
+        except (RuntimeError, *_OOM) as exc:
+            if not is_oom(exc) or len(instances) == 1:
+                raise
+            half = len(instances) // 2
+            self.log(f"out of memory on a batch of {len(instances)} instances: retrying as {half} + "
+                     f"{len(instances) - half}")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            first, second = self.score(instances[:half]), self.score(instances[half:])
+            return np.concatenate([first[0], second[0]]), np.concatenate([first[1], second[1]])
+
+    @torch.inference_mode()
+    def _score(self, instances: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        rows = len(instances)
+        width = max(len(x) for x in instances) - 1
+        tokens = torch.full((rows, width + 1), self.pad_id, dtype=torch.long)
+        real = torch.zeros((rows, width), dtype=torch.bool)
+        for i, x in enumerate(instances):
+            tokens[i, : len(x)] = torch.from_numpy(x.astype(np.int64))
+            real[i, : len(x) - 1] = True
+        tokens, real = tokens.to(self.device), real.to(self.device)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        scored = real & ~torch.isin(inputs, self.masked_input_ids)
+        with self._autocast():
+            if self.chunked_head:
+                states = self.backbone(input_ids=inputs, attention_mask=real.long(), use_cache=False)[0][scored]
+                project = self.head
+            else:
+                states = self.model(input_ids=inputs, attention_mask=real.long(), use_cache=False).logits[scored]
+                project = None
+        wanted = targets[scored]
+        logp = torch.empty(len(wanted), dtype=torch.float32, device=self.device)
+        for start in range(0, len(wanted), self.head_chunk_tokens):
+            chunk = slice(start, start + self.head_chunk_tokens)
+            if project is not None:
+                with self._autocast():
+                    logits = project(states[chunk])
+            else:
+                logits = states[chunk]
+            logits = logits.float()
+            logp[chunk] = logits.gather(1, wanted[chunk, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        per_position = torch.zeros((rows, width), dtype=torch.float64, device=self.device)
+        per_position[scored] = logp.double()
+        return per_position.sum(1).cpu().numpy(), scored.sum(1).cpu().numpy().astype(np.int64)

@@ -1,0 +1,211 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import save_tiny_llama
+from miniplm.config import load_config
+from miniplm.data.shards import PackedCorpus
+from miniplm.scoring.plan import padding_fraction, plan_batches, plan_parts
+from miniplm.scoring.run import ScoreConfig, read_scores, score
+
+
+def cfg(model, corpus, output, **kw) -> ScoreConfig:
+    base = {"model": str(model), "corpus": str(corpus), "output": str(output), "precision": "fp32",
+            "progress": False, "threads": 1}
+    base.update(kw)
+    return load_config(ScoreConfig, None, base)
+
+
+def run(model, corpus, output, **kw):
+    return score(cfg(model, corpus, output, **kw), log=lambda m: None)
+
+
+def test_logprobs_equal_the_models_own_loss(tiny_model_dir, prepared_corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    manifest = run(tiny_model_dir, prepared_corpus, tmp_path / "s")
+    rows = read_scores(tmp_path / "s").to_pylist()
+    split = PackedCorpus(prepared_corpus).split("train")
+    eos = PackedCorpus(prepared_corpus).eos_id
+    assert manifest["instances"] == len(rows) == len(split) > 50
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for row in rows[:40]:
+        x = torch.tensor(split[row["instance_id"]].astype(np.int64))[None]
+        labels = x.clone()
+        labels[:, 1:][x[:, :-1] == eos] = -100  # positions whose input token is EOS are not scored
+        labels[:, 0] = -100
+        with torch.no_grad():
+            loss = model(input_ids=x, labels=labels).loss.item()
+        n = int((labels[:, 1:] != -100).sum())
+        assert row["n_scored"] == n
+        assert abs(row["logp_sum"] / n - (-loss)) < 1e-4
+
+
+def test_scores_do_not_depend_on_batch_size_or_order(tiny_model_dir, prepared_corpus, tmp_path):
+    run(tiny_model_dir, prepared_corpus, tmp_path / "a", batch_tokens=64)
+    a = read_scores(tmp_path / "a")
+    run(tiny_model_dir, prepared_corpus, tmp_path / "b", batch_tokens=4096, part_tokens=700, head_chunk_tokens=7)
+    b = read_scores(tmp_path / "b")
+    assert a.column("instance_id").to_pylist() == b.column("instance_id").to_pylist()
+    assert a.column("n_scored").to_pylist() == b.column("n_scored").to_pylist()
+    per_token = np.abs(a.column("logp_sum").to_numpy() - b.column("logp_sum").to_numpy()) / a.column("n_scored").to_numpy()
+    assert per_token.max() < 1e-4
+
+
+def test_plan_sorts_by_length_and_keeps_padding_low():
+    lengths = np.random.default_rng(0).integers(2, 1025, size=5000)
+    parts = plan_parts(lengths, part_tokens=100_000)
+    flat = np.concatenate(parts)
+    assert sorted(flat.tolist()) == list(range(5000))  # every instance exactly once
+    assert np.all(np.diff(lengths[flat]) <= 0)  # longest first
+    batches = [b for p in parts for b in plan_batches(p, lengths, 16384)]
+    assert all(len(b) * lengths[b].max() <= 16384 or len(b) == 1 for b in batches)
+    assert padding_fraction(batches, lengths) < 0.02
+
+
+def test_rerun_skips_and_changes_invalidate(tiny_model_dir, prepared_corpus, tmp_path, tokenizer_dir):
+    logs = []
+    first = score(cfg(tiny_model_dir, prepared_corpus, tmp_path / "s"), log=logs.append)
+    again = score(cfg(tiny_model_dir, prepared_corpus, tmp_path / "s", batch_tokens=99), log=logs.append)
+    assert again == first and "up to date" in logs[-1]
+    other = save_tiny_llama(tmp_path / "other-model", tokenizer_dir, seed=1)
+    changed = score(cfg(other, prepared_corpus, tmp_path / "s"), log=logs.append)
+    assert changed["key"] != first["key"]
+    assert any("another run's output" in m for m in logs)
+    assert read_scores(tmp_path / "s").num_rows == first["instances"]
+
+
+def test_out_of_memory_halves_the_batch(tiny_model_dir, prepared_corpus, tmp_path, monkeypatch):
+    from miniplm.scoring.scorer import LogProbScorer
+
+    run(tiny_model_dir, prepared_corpus, tmp_path / "plain")
+    original = LogProbScorer._score
+
+    def flaky(self, instances):
+        if len(instances) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return original(self, instances)
+
+    monkeypatch.setattr(LogProbScorer, "_score", flaky)
+    logs = []
+    score(cfg(tiny_model_dir, prepared_corpus, tmp_path / "oom"), log=logs.append)
+    assert any("out of memory on a batch" in m for m in logs)
+    a, b = read_scores(tmp_path / "plain"), read_scores(tmp_path / "oom")
+    assert np.allclose(a.column("logp_sum").to_numpy(), b.column("logp_sum").to_numpy(), atol=1e-6)
+
+
+def test_refuses_a_model_with_another_tokenizer(prepared_corpus, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["other words entirely"] * 10, trainers.BpeTrainer(vocab_size=280, special_tokens=["</s>"]))
+    other_tok = tmp_path / "other-tok"
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(other_tok)
+    model = save_tiny_llama(tmp_path / "m", other_tok)
+    with pytest.raises(ValueError, match="tokenizer mismatch: model .* but corpus .* was packed with"):
+        run(model, prepared_corpus, tmp_path / "s")
+
+
+def test_refuses_instances_longer_than_the_context(prepared_corpus, tmp_path, tokenizer_dir):
+    model = save_tiny_llama(tmp_path / "short", tokenizer_dir, context=32)
+    with pytest.raises(ValueError, match="context of 32; re-run `miniplm prepare` with max_len <= 32"):
+        run(model, prepared_corpus, tmp_path / "s")
+
+
+def test_refuses_pickled_weights_and_unsupported_gguf(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from miniplm.models import load_causal_lm
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(OSError, match="could not load model"):
+        load_causal_lm(str(pickled))
+
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="fooarch")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="transformers reads GGUF files of these architectures: .*llama"):
+        load_causal_lm(str(path))
+
+
+def _score_cmd(model, corpus, output, *extra):
+    return [sys.executable, "-m", "miniplm", "score", "--model", str(model), "--corpus", str(corpus),
+            "--output", str(output), "--precision", "fp32", "--threads", "1", "--progress", "false", *extra]
+
+
+def test_kill_9_then_resume_gives_identical_rows(prepared_corpus, tmp_path, tokenizer_dir):
+    model = save_tiny_llama(tmp_path / "m", tokenizer_dir, layers=6)
+    args = ("--part-tokens", "300", "--batch-tokens", "128")
+    assert subprocess.run(_score_cmd(model, prepared_corpus, tmp_path / "whole", *args)).returncode == 0
+    expected = read_scores(tmp_path / "whole")
+    total = json.loads((tmp_path / "whole" / "manifest.json").read_text())["parts"]
+    rng = np.random.default_rng(7)
+    killed = 0
+    for attempt in range(3):
+        proc = subprocess.Popen(_score_cmd(model, prepared_corpus, tmp_path / "resumed", *args),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = int(rng.integers(1, max(2, total // 2)))
+        parts = tmp_path / "resumed" / "parts"
+        while proc.poll() is None and len(list(parts.glob("*.parquet"))) < target:
+            time.sleep(0.005)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed += 1
+    assert killed >= 1, "the run always finished before it could be killed"
+    assert not (tmp_path / "resumed" / "manifest.json").exists() or killed < 3
+    result = subprocess.run(_score_cmd(model, prepared_corpus, tmp_path / "resumed", *args),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    got = read_scores(tmp_path / "resumed")
+    assert got.equals(expected)  # exactly the same rows: none lost, none twice, same values
+    assert not list((tmp_path / "resumed" / "parts").glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_give_the_same_rows(tiny_model_dir, prepared_corpus, tmp_path):
+    run(tiny_model_dir, prepared_corpus, tmp_path / "single", part_tokens=500)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "miniplm", "score", "--model", str(tiny_model_dir), "--corpus", str(prepared_corpus),
+           "--output", str(tmp_path / "ddp"), "--precision", "fp32", "--threads", "1", "--progress", "false",
+           "--part-tokens", "500"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "manifest.json").read_text())["world_size"] == 2
+    a, b = read_scores(tmp_path / "single"), read_scores(tmp_path / "ddp")
+    assert a.column("instance_id").equals(b.column("instance_id"))
+    assert a.column("n_scored").equals(b.column("n_scored"))
+    assert np.abs(a.column("logp_sum").to_numpy() - b.column("logp_sum").to_numpy()).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_ray_executor_gives_the_same_rows(tiny_model_dir, prepared_corpus, tmp_path):
+    pytest.importorskip("ray")
+    run(tiny_model_dir, prepared_corpus, tmp_path / "single", part_tokens=500)
+    manifest = run(tiny_model_dir, prepared_corpus, tmp_path / "ray", part_tokens=500, executor="ray", ray_actors=2)
+    assert manifest["executor"] == "ray"
+    a, b = read_scores(tmp_path / "single"), read_scores(tmp_path / "ray")
+    assert a.column("instance_id").equals(b.column("instance_id"))
+    assert np.abs(a.column("logp_sum").to_numpy() - b.column("logp_sum").to_numpy()).max() < 1e-5
