@@ -137,9 +137,19 @@ def _run_score(config, args) -> int:
     return 0
 
 
+def _run_select(config, args) -> int:
+    from miniplm.selection.select import select
+
+    manifest = select(config, force=args.force)
+    print(f"selected {manifest['kept']:,} of {manifest['instances']:,} instances ({manifest['kept_tokens']:,} "
+          f"tokens) of {config.corpus}/{config.split} with {config.selector} into {config.output}")
+    return 0
+
+
 def _commands() -> list[Command]:
     from miniplm.data.prepare import PrepareConfig
     from miniplm.scoring.run import ScoreConfig
+    from miniplm.selection.select import SelectConfig
 
     return [
         Command(
@@ -172,6 +182,22 @@ def _commands() -> list[Command]:
             "  miniplm score --model out/ref/final --corpus out/corpus --output out/scores/ref\n"
             "  torchrun --nproc-per-node 8 -m miniplm score --model M --corpus C --output O\n"
             "  miniplm score --model M --corpus C --output O --executor ray --ray-address auto",
+        ),
+        Command(
+            "select",
+            SelectConfig,
+            _run_select,
+            "Difference Sampling (and baselines): keep the top alpha of instances by a score",
+            "Join the teacher's and the reference's scores on instance_id, compute r = mean log p_teacher - "
+            "mean log p_ref (a difference of per-token means), and keep the top alpha (default 0.5) by r, "
+            "written in original corpus order; the cut is exact (ties by instance id) in bounded memory. "
+            "Other selectors: random, teacher-ppl, ref-ppl (low/middle/high band); Gumbel-top-k with "
+            "--temperature; a token budget instead of alpha; per-domain quotas. Writes instances.parquet "
+            "(every instance with its scores and a selected flag), a manifest, and report.md with figures.\n\n"
+            "examples:\n"
+            "  miniplm select --teacher out/scores/teacher --reference out/scores/ref --output out/sel/miniplm\n"
+            "  miniplm select --selector random --domain-quota from:out/sel/miniplm --output out/sel/random-mix\n"
+            "  miniplm select --selector ref-ppl --ref-band middle --budget-tokens 1000000000",
         ),
     ]
 

@@ -33,7 +33,7 @@ class LogProbScorer:
         model,
         masked_input_ids: set[int],
         autocast_dtype: torch.dtype | None = None,
-        head_chunk_tokens: int = 2048,
+        head_chunk_tokens: int = 256,
         log: Callable[[str], None] = print,
     ):
         self.model = model
@@ -90,24 +90,19 @@ class LogProbScorer:
         tokens, real = tokens.to(self.device), real.to(self.device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         scored = real & ~torch.isin(inputs, self.masked_input_ids)
-        with self._autocast():
-            if self.chunked_head:
-                states = self.backbone(input_ids=inputs, attention_mask=real.long(), use_cache=False)[0][scored]
-                project = self.head
-            else:
-                states = self.model(input_ids=inputs, attention_mask=real.long(), use_cache=False).logits[scored]
-                project = None
         wanted = targets[scored]
         logp = torch.empty(len(wanted), dtype=torch.float32, device=self.device)
-        for start in range(0, len(wanted), self.head_chunk_tokens):
-            chunk = slice(start, start + self.head_chunk_tokens)
-            if project is not None:
-                with self._autocast():
-                    logits = project(states[chunk])
+        # one autocast region per batch: autocast caches the low-precision copy of each weight inside it,
+        # so the weights are cast once per batch, not once per layer call or output-layer chunk
+        with self._autocast():
+            if self.chunked_head:
+                states = self.backbone(input_ids=inputs, use_cache=False)[0][scored]
             else:
-                logits = states[chunk]
-            logits = logits.float()
-            logp[chunk] = logits.gather(1, wanted[chunk, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+                states = self.model(input_ids=inputs, use_cache=False).logits[scored]
+            for start in range(0, len(wanted), self.head_chunk_tokens):
+                chunk = slice(start, start + self.head_chunk_tokens)
+                logits = (self.head(states[chunk]) if self.chunked_head else states[chunk]).float()
+                logp[chunk] = logits.gather(1, wanted[chunk, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
         per_position = torch.zeros((rows, width), dtype=torch.float64, device=self.device)
         per_position[scored] = logp.double()
         return per_position.sum(1).cpu().numpy(), scored.sum(1).cpu().numpy().astype(np.int64)
