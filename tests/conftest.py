@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SENTENCES = [
@@ -88,3 +89,23 @@ def prepared_corpus(tmp_path_factory, tokenizer_dir) -> Path:
                                             "tokenizer": str(tokenizer_dir), "max_len": 64, "progress": False})
     prepare(cfg, log=lambda m: None)
     return root / "corpus"
+
+
+def write_scores(path: Path, corpus: Path, means: np.ndarray, n_scored: np.ndarray | None = None,
+                 ids: np.ndarray | None = None, key: str | None = None) -> Path:
+    """A scoring run's output (manifest + one part) holding the given per-token means."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from miniplm.data.shards import PackedCorpus
+
+    c = PackedCorpus(corpus)
+    ids = np.arange(len(means)) if ids is None else ids
+    n = np.full(len(ids), 10) if n_scored is None else n_scored
+    (path / "parts").mkdir(parents=True)
+    pq.write_table(pa.table({"instance_id": ids.astype(np.int64), "n_scored": n.astype(np.int32),
+                             "logp_sum": (means[ids] * n).astype(np.float64)}), path / "parts" / "part-000000.parquet")
+    manifest = {"stage": "score", "key": path.name,
+                "corpus": {"path": str(corpus), "key": key or c.key, "split": "train"}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path

@@ -146,8 +146,16 @@ def _run_select(config, args) -> int:
     return 0
 
 
+def _run_export(config, args) -> int:
+    from miniplm.export import export
+
+    export(config, force=args.force)
+    return 0
+
+
 def _commands() -> list[Command]:
     from miniplm.data.prepare import PrepareConfig
+    from miniplm.export import ExportConfig
     from miniplm.scoring.run import ScoreConfig
     from miniplm.selection.select import SelectConfig
 
@@ -198,6 +206,21 @@ def _commands() -> list[Command]:
             "  miniplm select --teacher out/scores/teacher --reference out/scores/ref --output out/sel/miniplm\n"
             "  miniplm select --selector random --domain-quota from:out/sel/miniplm --output out/sel/random-mix\n"
             "  miniplm select --selector ref-ppl --ref-band middle --budget-tokens 1000000000",
+        ),
+        Command(
+            "export",
+            ExportConfig,
+            _run_export,
+            "write a selection in the formats student trainers read, re-tokenized for any student",
+            "Export the selected (or unselected, or all) instances in corpus order as jsonl/parquet text with "
+            "their scores, miniplm token shards, a Megatron .bin/.idx pair, a nanoGPT flat memmap, or an HF "
+            "dataset. With --tokenizer, token formats are re-tokenized for that student, one instance to one "
+            "instance: split on the source EOS, decode, encode, join with the student's EOS, BOS where the "
+            "family uses one, truncate to max_len + 1.\n\n"
+            "examples:\n"
+            "  miniplm export --selection out/sel/miniplm --format tokens --output out/export/miniplm\n"
+            "  miniplm export --selection out/sel/miniplm --format megatron --tokenizer path/to/gpt-neox\n"
+            "  miniplm export --selection out/sel/miniplm --subset unselected --format jsonl",
         ),
     ]
 

@@ -1,0 +1,342 @@
+"""`miniplm export`: a selection (or its complement) in the formats students' trainers read.
+
+Formats, all in original corpus order, one record/sequence per instance:
+    jsonl, parquet  text with its scores: instance_id, domain, n_tokens, teacher_logp, ref_logp, key,
+                    pieces (the instance's documents or document pieces, split on the source EOS) and text
+                    (the pieces joined by a blank line)
+    tokens          miniplm token shards (the `prepare` layout), readable by `miniplm train`
+    megatron        Megatron-LM / GPT-NeoX indexed dataset: <name>.bin + <name>.idx (MMIDIDX, version 1)
+    nanogpt         a flat memmap `train.bin` of all tokens back to back (nanoGPT's layout), `meta.json`
+    hf              an HF dataset (`save_to_disk`) with input_ids and the score columns
+Token formats re-tokenize for a student tokenizer when one is given (cross-family, as the paper): each
+instance is split on the source EOS, each piece decoded and encoded with the student's tokenizer, the
+pieces joined with the student's EOS, BOS prepended for families that use one, and the result truncated
+to max_len + 1 tokens: one output instance per input instance. Pieces whose text does not survive the
+student tokenizer's round trip are counted and reported (warned above 1%).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from miniplm.config import ConfigError, config_hash, option, to_dict
+from miniplm.data.packing import Instance
+from miniplm.data.shards import PackedCorpus, ShardWriter, atomic_write, token_dtype
+from miniplm.manifest import is_up_to_date, manifest_key, new_manifest, read_manifest, staged_output, write_json_atomic
+from miniplm.tokenizer import load_tokenizer, source_fingerprint
+
+FORMAT_VERSION = 1
+ROWS_PER_BATCH = 4096
+MEGATRON_DTYPES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
+                   np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7,
+                   np.dtype(np.uint16): 8}
+
+
+@dataclass
+class ExportConfig:
+    selection: str = option("out/selection", "a `miniplm select` output")
+    subset: Literal["selected", "unselected", "all"] = option("selected", "which instances to export")
+    format: Literal["jsonl", "parquet", "tokens", "megatron", "nanogpt", "hf"] = option(
+        "tokens", "output format (see `miniplm export --help`)")
+    tokenizer: str | None = option(None, "student tokenizer for token formats (null: the corpus's, no re-tokenizing)")
+    max_len: int | None = option(None, "student sequence length: instances are truncated to max_len + 1 tokens "
+                                 "(null: the corpus's max_len)")
+    add_bos: Literal["auto", "yes", "no"] = option("auto", "prepend BOS (auto: when the student tokenizer adds one)")
+    output: str = option("out/export", "output directory")
+    trust_remote_code: bool = option(False, "allow the tokenizer's own code to run")
+    progress: bool = option(True, "show progress")
+
+    NOT_HASHED = ("output", "progress", "trust_remote_code")
+
+    def validate(self) -> None:
+        if self.max_len is not None and self.max_len < 8:
+            raise ConfigError(f"max_len: must be at least 8, got {self.max_len}")
+
+
+class Retokenizer:
+    """Corpus token ids -> student token ids, one instance to one instance."""
+
+    def __init__(self, source, source_eos: int, student, max_len: int, add_bos: str):
+        self.source, self.source_eos, self.student, self.max_len = source, source_eos, student, max_len
+        if student.eos_token_id is None:
+            raise ValueError(f"student tokenizer {type(student).__name__} has no EOS token to separate documents")
+        bos = student.bos_token_id
+        uses_bos = bos is not None and student("a")["input_ids"][:1] == [bos]
+        self.bos = bos if (add_bos == "yes" or (add_bos == "auto" and uses_bos)) else None
+        if add_bos == "yes" and bos is None:
+            raise ValueError("add_bos: yes, but the student tokenizer has no BOS token")
+        self.pieces = self.lossy = 0
+
+    def pieces_of(self, tokens: np.ndarray) -> list[tuple[str, bool]]:
+        """(decoded text, ended with EOS) for each document or piece of an instance."""
+        ends = np.flatnonzero(tokens == self.source_eos)
+        bounds = zip([0, *(ends + 1)], [*ends, len(tokens)])
+        out = []
+        for a, b in bounds:
+            closed = b < len(tokens) and tokens[b] == self.source_eos
+            if b > a or closed:
+                out.append((self.source.decode(tokens[a:b].tolist()), bool(closed)))
+        return out
+
+    def __call__(self, tokens: np.ndarray) -> np.ndarray:
+        ids = [] if self.bos is None else [self.bos]
+        for text, closed in self.pieces_of(tokens):
+            encoded = self.student(text, add_special_tokens=False)["input_ids"] if text else []
+            self.pieces += 1
+            if text and self.student.decode(encoded) != text:
+                self.lossy += 1
+            ids += encoded + ([self.student.eos_token_id] if closed else [])
+        return np.asarray(ids[: self.max_len + 1], dtype=np.int64)
+
+
+def _rows(selection: Path, subset: str) -> Iterator[dict]:
+    """Batches of the selection's rows in corpus order, filtered to the subset."""
+    for batch in pq.ParquetFile(selection / "instances.parquet").iter_batches(batch_size=ROWS_PER_BATCH):
+        table = pa.Table.from_batches([batch])
+        if subset != "all":
+            mask = table.column("selected")
+            table = table.filter(mask if subset == "selected" else pc.invert(mask))
+        if table.num_rows:
+            yield table.to_pydict()
+
+
+def export(config: ExportConfig, force: bool = False, log=print) -> dict:
+    started = time.time()
+    selection = Path(config.selection)
+    sel_manifest = read_manifest(selection)
+    if sel_manifest is None or sel_manifest.get("stage") != "select":
+        raise FileNotFoundError(f"{selection} is not a `miniplm select` output (no select manifest.json)")
+    corpus = PackedCorpus(sel_manifest["corpus"]["path"])
+    if corpus.key != sel_manifest["corpus"]["key"]:
+        raise ValueError(f"{corpus.path} changed since {selection} was selected from it (corpus key "
+                         f"{corpus.key} != {sel_manifest['corpus']['key']}); select again")
+    split = corpus.split(sel_manifest["corpus"]["split"])
+    max_len = config.max_len or corpus.manifest["max_len"]
+    cfg_hash = config_hash(config, exclude=ExportConfig.NOT_HASHED)
+    key = manifest_key(FORMAT_VERSION, cfg_hash, sel_manifest["key"],
+                       source_fingerprint(config.tokenizer) if config.tokenizer else None)
+    if not force and is_up_to_date(config.output, key):
+        log(f"export: {config.output} is up to date (key {key}); pass --force to redo it")
+        return read_manifest(config.output)
+
+    source_tok = corpus.load_tokenizer()
+    token_format = config.format in ("tokens", "megatron", "nanogpt", "hf")
+    student = load_tokenizer(config.tokenizer, config.trust_remote_code) if config.tokenizer else None
+    convert = None
+    if token_format and student is not None:
+        convert = Retokenizer(source_tok, corpus.eos_id, student, max_len, config.add_bos)
+    vocab = len(student) if student is not None else len(source_tok)
+    dtype = token_dtype(vocab)
+
+    with staged_output(config.output) as out:
+        if student is not None and token_format:
+            student.save_pretrained(out / "tokenizer")
+        elif token_format:
+            source_tok.save_pretrained(out / "tokenizer")
+        writer = _writer(config.format, out, dtype, corpus, source_tok)
+        count = tokens = 0
+        for rows in _rows(selection, config.subset):
+            for i, instance_id in enumerate(rows["instance_id"]):
+                ids = split[instance_id].astype(np.int64)
+                if token_format:
+                    ids = convert(ids) if convert is not None else ids[: max_len + 1]
+                record = {k: v[i] for k, v in rows.items()}
+                writer.add(record, ids)
+                count += 1
+                tokens += len(ids)
+        details = writer.close()
+        lossy = None
+        if convert is not None:
+            lossy = {"pieces": convert.pieces, "lossy": convert.lossy,
+                     "fraction": round(convert.lossy / max(convert.pieces, 1), 5)}
+            if lossy["fraction"] > 0.01:
+                log(f"warning: {lossy['fraction']:.1%} of document pieces do not round-trip through the student "
+                    f"tokenizer {config.tokenizer} (decode(encode(text)) != text)")
+        manifest = new_manifest(
+            "export", key, to_dict(config), config_hash=cfg_hash, format_version=FORMAT_VERSION,
+            selection={"path": str(selection), "key": sel_manifest["key"]},
+            corpus={"path": str(corpus.path), "key": corpus.key},
+            instances=count, tokens=tokens, dtype=dtype.name if token_format else None, max_len=max_len,
+            tokenizer={"spec": config.tokenizer or corpus.manifest["tokenizer"]["spec"], "vocab_size": vocab,
+                       "retokenized": convert is not None,
+                       "bos": None if convert is None else convert.bos},
+            round_trip=lossy, files=details, wall_seconds=round(time.time() - started, 2),
+        )
+        write_json_atomic(out / "manifest.json", manifest)
+    log(f"export: {count:,} instances ({tokens:,} tokens) as {config.format} in {config.output}")
+    return manifest
+
+
+def _writer(fmt: str, out: Path, dtype: np.dtype, corpus: PackedCorpus, source_tok):
+    if fmt in ("jsonl", "parquet"):
+        return _TextWriter(out, fmt, corpus.eos_id, source_tok)
+    if fmt == "tokens":
+        return _ShardExport(out, dtype)
+    if fmt == "megatron":
+        return _MegatronWriter(out / "data", dtype)
+    if fmt == "nanogpt":
+        return _NanoGPTWriter(out, dtype)
+    return _HFWriter(out)
+
+
+class _TextWriter:
+    def __init__(self, out: Path, fmt: str, eos: int, tokenizer):
+        self.path = out / f"data.{fmt}"
+        self.fmt, self.eos, self.tokenizer = fmt, eos, tokenizer
+        self.rows: list[dict] = []
+        self.fh = open(self.path, "w", encoding="utf-8") if fmt == "jsonl" else None
+        self.parquet: pq.ParquetWriter | None = None
+
+    def add(self, record: dict, ids: np.ndarray) -> None:
+        ends = np.flatnonzero(ids == self.eos)
+        pieces = [self.tokenizer.decode(ids[a:b].tolist()) for a, b in zip([0, *(ends + 1)], [*ends, len(ids)])
+                  if b > a]
+        row = {"instance_id": int(record["instance_id"]), "domain": record["domain"],
+               "n_tokens": int(record["n_tokens"]),
+               **{k: _float(record[k]) for k in ("teacher_logp", "ref_logp", "key")},
+               "pieces": pieces, "text": "\n\n".join(pieces)}
+        if self.fh is not None:
+            self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            self.rows.append(row)
+            if len(self.rows) >= ROWS_PER_BATCH:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            table = pa.Table.from_pylist(self.rows)
+            if self.parquet is None:
+                self.parquet = pq.ParquetWriter(self.path, table.schema)
+            self.parquet.write_table(table)
+            self.rows = []
+
+    def close(self) -> dict:
+        if self.fh is not None:
+            self.fh.close()
+        else:
+            self._flush()
+            if self.parquet is None:  # nothing exported: still write an empty, readable file
+                pq.write_table(pa.table({"instance_id": pa.array([], pa.int64())}), self.path)
+            else:
+                self.parquet.close()
+        return {"data": self.path.name}
+
+
+def _float(value) -> float | None:
+    return None if value is None or value != value else float(value)  # NaN -> null
+
+
+class _ShardExport:
+    def __init__(self, out: Path, dtype: np.dtype):
+        self.writer = ShardWriter(out / "train", dtype, 1 << 26, shuffle=False, seed=0)
+
+    def add(self, record: dict, ids: np.ndarray) -> None:
+        self.writer.add(Instance(ids, record["domain"], np.array([record["instance_id"]], dtype=np.int64)))
+
+    def close(self) -> dict:
+        summary = self.writer.close()
+        return {"split": "train", "instances": summary["instances"], "shards": summary["shards"],
+                "note": "doc_indices hold the source instance_id"}
+
+
+class _MegatronWriter:
+    """Megatron-LM's MMapIndexedDataset: one sequence (and one document) per instance."""
+
+    def __init__(self, prefix: Path, dtype: np.dtype):
+        self.prefix, self.dtype = prefix, dtype
+        self.bin = open(prefix.with_suffix(".bin.tmp"), "wb")
+        self.sizes: list[int] = []
+
+    def add(self, record: dict, ids: np.ndarray) -> None:
+        self.bin.write(ids.astype(self.dtype).tobytes())
+        self.sizes.append(len(ids))
+
+    def close(self) -> dict:
+        self.bin.close()
+        sizes = np.asarray(self.sizes, dtype=np.int32)
+        pointers = np.zeros(len(sizes), dtype=np.int64)
+        if len(sizes) > 1:
+            np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)
+
+        def write_index(path: Path) -> None:
+            with open(path, "wb") as fh:
+                fh.write(b"MMIDIDX\x00\x00")
+                fh.write(struct.pack("<Q", 1))
+                fh.write(struct.pack("<B", MEGATRON_DTYPES[self.dtype]))
+                fh.write(struct.pack("<Q", len(sizes)))
+                fh.write(struct.pack("<Q", len(doc_idx)))
+                fh.write(sizes.tobytes(order="C"))
+                fh.write(pointers.tobytes(order="C"))
+                fh.write(doc_idx.tobytes(order="C"))
+
+        self.prefix.with_suffix(".bin.tmp").rename(self.prefix.with_suffix(".bin"))
+        atomic_write(self.prefix.with_suffix(".idx"), write_index)
+        return {"bin": self.prefix.with_suffix(".bin").name, "idx": self.prefix.with_suffix(".idx").name}
+
+
+class _NanoGPTWriter:
+    def __init__(self, out: Path, dtype: np.dtype):
+        self.out, self.dtype = out, dtype
+        self.fh = open(out / "train.bin.tmp", "wb")
+        self.tokens = 0
+
+    def add(self, record: dict, ids: np.ndarray) -> None:
+        self.fh.write(ids.astype(self.dtype).tobytes())
+        self.tokens += len(ids)
+
+    def close(self) -> dict:
+        self.fh.close()
+        (self.out / "train.bin.tmp").rename(self.out / "train.bin")
+        write_json_atomic(self.out / "meta.json", {"dtype": self.dtype.name, "tokens": self.tokens})
+        return {"bin": "train.bin", "meta": "meta.json", "dtype": self.dtype.name}
+
+
+class _HFWriter:
+    """Rows go to an Arrow stream file on disk (bounded memory), which `datasets` maps and saves."""
+
+    SCHEMA = pa.schema([("instance_id", pa.int64()), ("domain", pa.string()), ("teacher_logp", pa.float64()),
+                        ("ref_logp", pa.float64()), ("key", pa.float64()), ("input_ids", pa.list_(pa.int32()))])
+
+    def __init__(self, out: Path):
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise ImportError("the hf export format needs 'datasets': pip install 'miniplm[hf]'") from None
+        self.out = out
+        self.arrow_path = out / "rows.arrow"
+        self.sink = pa.OSFile(str(self.arrow_path), "wb")
+        self.stream = pa.ipc.new_stream(self.sink, self.SCHEMA)
+        self.rows: list[dict] = []
+
+    def add(self, record: dict, ids: np.ndarray) -> None:
+        self.rows.append({**{k: record[k] for k in ("instance_id", "domain", "teacher_logp", "ref_logp", "key")},
+                          "input_ids": ids.astype(np.int32)})
+        if len(self.rows) >= ROWS_PER_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            self.stream.write_table(pa.Table.from_pylist(self.rows, schema=self.SCHEMA))
+            self.rows = []
+
+    def close(self) -> dict:
+        import datasets
+
+        self._flush()
+        self.stream.close()
+        self.sink.close()
+        datasets.Dataset.from_file(str(self.arrow_path)).save_to_disk(str(self.out / "dataset"))
+        self.arrow_path.unlink()
+        return {"dataset": "dataset"}

@@ -1,0 +1,174 @@
+import json
+import struct
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_scores
+from miniplm.config import load_config
+from miniplm.data.shards import PackedCorpus, PackedSplit
+from miniplm.export import ExportConfig, export
+from miniplm.selection.select import SelectConfig, select
+
+
+@pytest.fixture(scope="module")
+def selection(prepared_corpus, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sel")
+    n = len(PackedCorpus(prepared_corpus).split("train"))
+    rng = np.random.default_rng(1)
+    write_scores(tmp / "t", prepared_corpus, rng.normal(-3, 1, n))
+    write_scores(tmp / "f", prepared_corpus, rng.normal(-5, 1, n))
+    select(load_config(SelectConfig, None, {"corpus": str(prepared_corpus), "teacher": str(tmp / "t"),
+                                            "reference": str(tmp / "f"), "output": str(tmp / "sel"),
+                                            "report": False}), log=lambda m: None)
+    return tmp / "sel"
+
+
+def kept_ids(selection, subset="selected"):
+    t = pq.read_table(selection / "instances.parquet")
+    flags = t.column("selected").to_pylist()
+    ids = t.column("instance_id").to_pylist()
+    return [i for i, f in zip(ids, flags) if (f if subset == "selected" else not f)]
+
+
+def run(selection, tmp_path, fmt, **kw):
+    cfg = load_config(ExportConfig, None, {"selection": str(selection), "format": fmt,
+                                           "output": str(tmp_path / fmt), "progress": False, **kw})
+    return export(cfg, log=lambda m: None), tmp_path / fmt
+
+
+def source(prepared_corpus):
+    corpus = PackedCorpus(prepared_corpus)
+    return corpus, corpus.split("train")
+
+
+def read_megatron(prefix):
+    """An independent reader of Megatron's MMIDIDX index, written from the published format."""
+    dtypes = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+              8: np.uint16}
+    raw = open(f"{prefix}.idx", "rb").read()
+    assert raw[:9] == b"MMIDIDX\x00\x00"
+    version, = struct.unpack("<Q", raw[9:17])
+    code, = struct.unpack("<B", raw[17:18])
+    n_seq, = struct.unpack("<Q", raw[18:26])
+    n_doc, = struct.unpack("<Q", raw[26:34])
+    offset = 34
+    sizes = np.frombuffer(raw, np.int32, n_seq, offset)
+    offset += 4 * n_seq
+    pointers = np.frombuffer(raw, np.int64, n_seq, offset)
+    offset += 8 * n_seq
+    docs = np.frombuffer(raw, np.int64, n_doc, offset)
+    data = np.memmap(f"{prefix}.bin", dtype=dtypes[code], mode="r")
+    itemsize = np.dtype(dtypes[code]).itemsize
+    return version, docs, [data[p // itemsize: p // itemsize + s] for p, s in zip(pointers, sizes)]
+
+
+def test_token_formats_read_back_by_independent_readers(selection, prepared_corpus, tmp_path):
+    corpus, split = source(prepared_corpus)
+    ids = kept_ids(selection)
+    expected = [split[i].tolist() for i in ids]
+
+    manifest, out = run(selection, tmp_path, "tokens")
+    packed = PackedSplit(out / "train", manifest["dtype"])
+    assert [packed[i].tolist() for i in range(len(packed))] == expected
+    assert packed.table.column("doc_indices").to_pylist() == [[i] for i in ids]
+
+    _, out = run(selection, tmp_path, "megatron")
+    version, docs, seqs = read_megatron(out / "data")
+    assert version == 1 and docs.tolist() == list(range(len(ids) + 1))
+    assert [s.tolist() for s in seqs] == expected
+
+    _, out = run(selection, tmp_path, "nanogpt")
+    meta = json.loads((out / "meta.json").read_text())
+    flat = np.memmap(out / "train.bin", dtype=meta["dtype"], mode="r")
+    assert flat.tolist() == [t for seq in expected for t in seq]
+
+    datasets = pytest.importorskip("datasets")
+    _, out = run(selection, tmp_path, "hf")
+    ds = datasets.load_from_disk(str(out / "dataset"))
+    assert ds["instance_id"] == ids and [list(x) for x in ds["input_ids"]] == expected
+
+
+def test_text_formats_carry_text_and_scores(selection, prepared_corpus, tmp_path):
+    corpus, split = source(prepared_corpus)
+    tok = corpus.load_tokenizer()
+    ids = kept_ids(selection, "unselected")
+    _, out = run(selection, tmp_path, "jsonl", subset="unselected")
+    rows = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
+    assert [r["instance_id"] for r in rows] == ids
+    for r in rows[:20]:
+        assert tok.decode(split[r["instance_id"]].tolist()) == "<|endoftext|>".join(r["pieces"]) + (
+            "<|endoftext|>" if split[r["instance_id"]][-1] == corpus.eos_id else "")
+        assert r["text"] == "\n\n".join(r["pieces"]) and isinstance(r["key"], float)
+    _, out = run(selection, tmp_path, "parquet", subset="unselected")
+    table = pq.read_table(out / "data.parquet").to_pylist()
+    assert [r["instance_id"] for r in table] == ids and table[0]["pieces"] == rows[0]["pieces"]
+
+
+def make_student(tmp_path, bos: bool, lossless: bool = True):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import SENTENCES
+
+    if lossless:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        alphabet = []
+    specials = ["<s>", "</s>", "[UNK]"]
+    trainer = (trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=alphabet) if lossless
+               else trainers.WordLevelTrainer(vocab_size=30, special_tokens=specials))
+    tok.train_from_iterator(SENTENCES * 5, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    path = tmp_path / f"student-{bos}-{lossless}"
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="[UNK]").save_pretrained(path)
+    return path
+
+
+def test_cross_tokenizer_export_keeps_instances_and_lossless_text(selection, prepared_corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    corpus, split = source(prepared_corpus)
+    src = corpus.load_tokenizer()
+    student_dir = make_student(tmp_path, bos=True)
+    student = AutoTokenizer.from_pretrained(student_dir)
+    manifest, out = run(selection, tmp_path, "tokens", tokenizer=str(student_dir), max_len=512)
+    ids = kept_ids(selection)
+    packed = PackedSplit(out / "train", manifest["dtype"])
+    assert len(packed) == len(ids) == manifest["instances"]
+    assert manifest["tokenizer"]["retokenized"] and manifest["tokenizer"]["bos"] == student.bos_token_id
+    assert manifest["round_trip"]["lossy"] == 0
+    for i, instance_id in enumerate(ids):
+        got = packed[i].tolist()
+        assert got[0] == student.bos_token_id
+        src_tokens = split[instance_id]
+        source_pieces = src.decode(src_tokens.tolist()).split("<|endoftext|>")
+        student_pieces = student.decode(got[1:]).split("</s>")
+        assert student_pieces == source_pieces
+        assert got.count(student.eos_token_id) == int((src_tokens == corpus.eos_id).sum())
+    # no BOS for a family that does not use one, and truncation to max_len + 1
+    manifest, out = run(selection, tmp_path / "nobos", "tokens", tokenizer=str(make_student(tmp_path, bos=False)),
+                        max_len=8)
+    packed = PackedSplit(out / "train", manifest["dtype"])
+    assert manifest["tokenizer"]["bos"] is None and max(len(packed[i]) for i in range(len(packed))) <= 9
+
+
+def test_lossy_student_tokenizer_is_reported(selection, tmp_path):
+    logs = []
+    cfg = load_config(ExportConfig, None, {"selection": str(selection), "format": "tokens", "output": str(tmp_path / "x"),
+                                           "tokenizer": str(make_student(tmp_path, bos=False, lossless=False))})
+    manifest = export(cfg, log=logs.append)
+    assert manifest["round_trip"]["fraction"] > 0.5
+    assert any("do not round-trip" in m for m in logs)
+
+
+def test_refuses_a_missing_or_stale_selection(selection, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a `miniplm select` output"):
+        run(tmp_path / "nothing", tmp_path, "tokens")
