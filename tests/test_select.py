@@ -182,3 +182,12 @@ def test_end_to_end_with_real_models_and_the_report(prepared_corpus, tiny_model_
     rows = pq.read_table(tmp_path / "sel" / "instances.parquet")
     assert rows.num_rows == manifest["instances"] and sum(rows.column("selected").to_pylist()) == manifest["kept"]
     assert not (tmp_path / "sel" / "work").exists()
+
+
+def test_max_instances_selects_among_a_scored_prefix(setting):
+    s = setting
+    m = s["n"] // 2
+    write_scores(s["tmp"] / "t-prefix", s["corpus"], s["t"], ids=np.arange(m))
+    manifest, rows = run(s, "prefix", teacher=str(s["tmp"] / "t-prefix"), max_instances=m)
+    assert manifest["instances"] == m and len(rows["instance_id"]) == m
+    assert kept(rows) == top_ids((s["t"] - s["f"])[:m], m // 2)

@@ -153,8 +153,19 @@ def _run_export(config, args) -> int:
     return 0
 
 
+def _run_train(config, args) -> int:
+    from miniplm.training.train import train
+
+    manifest = train(config)
+    print(f"trained {manifest['model']['class']} ({manifest['model']['parameters'] / 1e6:.1f}M) for "
+          f"{manifest['steps']} steps, {manifest['tokens']:,} tokens, final loss {manifest['final_loss']}; "
+          f"model in {config.output}/final")
+    return 0
+
+
 def _commands() -> list[Command]:
     from miniplm.data.prepare import PrepareConfig
+    from miniplm.training.train import TrainConfig
     from miniplm.export import ExportConfig
     from miniplm.scoring.run import ScoreConfig
     from miniplm.selection.select import SelectConfig
@@ -221,6 +232,19 @@ def _commands() -> list[Command]:
             "  miniplm export --selection out/sel/miniplm --format tokens --output out/export/miniplm\n"
             "  miniplm export --selection out/sel/miniplm --format megatron --tokenizer path/to/gpt-neox\n"
             "  miniplm export --selection out/sel/miniplm --subset unselected --format jsonl",
+        ),
+        Command(
+            "train",
+            TrainConfig,
+            _run_train,
+            "pre-train a causal LM (a student, or the reference on D_ref), resumable",
+            "Pre-train a Qwen2-style preset (or any transformers config.json) on a packed split with the "
+            "paper's recipe: AdamW (0.9, 0.98), eps 1e-6, weight decay 0.01, clip 1.0, warmup then cosine to "
+            "0.1x lr, instances in stored order. Checkpoints in HF format with optimizer/RNG/data position; "
+            "the same command resumes a killed run onto the identical loss curve.\n\n"
+            "examples:\n"
+            "  miniplm train --split ref --model qwen2-small --output out/ref     # the reference model\n"
+            "  miniplm train --corpus out/export/miniplm --model qwen2-mini --output out/students/miniplm",
         ),
     ]
 

@@ -62,6 +62,9 @@ class SelectConfig:
         "none", "none (one global cut), proportional (each domain keeps its share of the corpus), "
         "from:<selection dir> (copy that selection's per-domain mix), or a mapping {domain: share}")
     seed: int = option(10, "seed of the random selector and of Gumbel noise")
+    max_instances: int | None = option(
+        None, "select among the first N instances of the split only (what `miniplm score --max-instances N` "
+        "scored; for quick runs)")
     report: bool = option(True, "write the selection report (markdown + PNG) into the output")
     progress: bool = option(True, "show progress")
 
@@ -70,6 +73,8 @@ class SelectConfig:
     def validate(self) -> None:
         if not 0 < self.alpha <= 1:
             raise ConfigError(f"alpha: must be in (0, 1], got {self.alpha}")
+        if self.max_instances is not None and self.max_instances < 1:
+            raise ConfigError(f"max_instances: must be at least 1, got {self.max_instances}")
         if self.budget_tokens is not None and self.budget_tokens < 1:
             raise ConfigError(f"budget_tokens: must be a positive number of tokens, got {self.budget_tokens}")
         if self.temperature is not None and not self.temperature > 0:
@@ -94,9 +99,12 @@ def uniform_hash(seed: int, ids: np.ndarray) -> np.ndarray:
 class ScoreArrays:
     """Per-instance columns of one split, on disk: mean log-probs joined from the scoring runs."""
 
-    def __init__(self, corpus: PackedCorpus, split: str, work: Path):
+    def __init__(self, corpus: PackedCorpus, split: str, work: Path, max_instances: int | None = None):
         table = corpus.split(split).table
+        if max_instances is not None:
+            table = table.slice(0, max_instances)
         self.n = table.num_rows
+        self.subset = max_instances is not None
         ids = table.column("instance_id").to_numpy()
         if not np.array_equal(ids, np.arange(self.n)):
             raise ValueError(f"{corpus.path}/{split}: instance ids are not 0..N-1; the corpus is damaged")
@@ -133,10 +141,12 @@ class ScoreArrays:
         for part in parts:
             t = pq.read_table(part)
             ids = t.column("instance_id").to_numpy()
-            if len(ids) and ids.max() >= self.n:
-                raise ValueError(f"{part}: instance ids beyond the {self.n} instances of {corpus.path}/{split}")
             n = t.column("n_scored").to_numpy()
             s = t.column("logp_sum").to_numpy()
+            inside = ids < self.n
+            if not inside.all() and not self.subset:
+                raise ValueError(f"{part}: instance ids beyond the {self.n} instances of {corpus.path}/{split}")
+            ids, n, s = ids[inside], n[inside], s[inside]
             with np.errstate(divide="ignore", invalid="ignore"):
                 values[ids] = np.where(n > 0, s / np.maximum(n, 1), np.nan)
             seen[ids] = True
@@ -144,7 +154,8 @@ class ScoreArrays:
             missing = np.flatnonzero(~seen)
             raise ValueError(f"{name} scores at {run} cover {int(seen.sum()):,} of {self.n:,} instances of "
                              f"{corpus.path}/{split}: {len(missing):,} are missing (e.g. ids "
-                             f"{missing[:5].tolist()}); score the whole split (without --max-instances)")
+                             f"{missing[:5].tolist()}); score the whole split, or select among the scored "
+                             f"instances with --max-instances")
         values.flush()
         setattr(self, name, values)
 
@@ -209,7 +220,7 @@ def select(config: SelectConfig, force: bool = False, log=print) -> dict:
     with staged_output(config.output) as out:
         work = out / "work"
         work.mkdir()
-        arrays = ScoreArrays(corpus, config.split, work)
+        arrays = ScoreArrays(corpus, config.split, work, config.max_instances)
         for name in needs:
             arrays.load(name, runs[name], corpus, config.split)
 

@@ -1,0 +1,281 @@
+"""`miniplm train`: pre-train a causal LM on packed instances, resumable onto the identical loss curve.
+
+The loop is nanoGPT-sized on purpose: instances are read in stored order (no shuffling, as the paper),
+right-padded into batches of `batch_size` sequences, and trained with the paper's recipe: AdamW betas
+(0.9, 0.98), eps 1e-6, weight decay 0.01, grad clip 1.0, linear warmup then cosine decay to 0.1x lr. The
+loss mask is the scoring one: a position is trained unless its input token is EOS or pad.
+
+Checkpoints (`<output>/checkpoints/step-NNNNNNN/`) hold the model in HF format (safetensors, loadable by
+`AutoModelForCausalLM.from_pretrained`), and `trainer.pt` with the optimizer, scheduler, RNG state and
+data position (tensors and numbers only: loaded with `weights_only=True`). A checkpoint is written under a
+temporary name and renamed when complete; `metrics.jsonl` is cut back to the checkpoint on resume, so a
+killed run restarted with the same command continues on exactly the curve it would have followed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from miniplm.config import ConfigError, config_hash, option, to_dict
+from miniplm.data.shards import PackedCorpus, PackedSplit
+from miniplm.manifest import manifest_key, new_manifest, read_manifest, write_json_atomic
+from miniplm.models import resolve_precision
+from miniplm.training.presets import PRESETS, build_config
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    corpus: str = option("out/corpus", "a `miniplm prepare` (or `miniplm export --format tokens`) output")
+    split: str = option("train", "split to train on (ref: D_ref, for the reference model)")
+    output: str = option("out/train", "run directory: checkpoints, metrics.jsonl, final/")
+    model: str = option("qwen2-mini", f"a preset ({', '.join(PRESETS)}) or a transformers config.json path")
+    lr: float | None = option(None, "peak learning rate (null: the preset's)")
+    batch_size: int = option(8, "sequences per optimizer step")
+    max_steps: int | None = option(None, "optimizer steps (null: from max_tokens or epochs)")
+    max_tokens: int | None = option(None, "stop after this many training tokens (null: epochs)")
+    epochs: float = option(1.0, "passes over the split when neither max_steps nor max_tokens is set")
+    warmup_steps: int = option(100, "linear warmup steps (the paper: 2,000 of 100K)")
+    min_lr_ratio: float = option(0.1, "cosine decays to this fraction of lr")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.98, "AdamW beta2")
+    eps: float = option(1e-6, "AdamW epsilon")
+    grad_clip: float = option(1.0, "gradient norm clip")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "autocast dtype (weights stay fp32)")
+    seed: int = option(10, "seed of the initial weights (the paper's)")
+    save_every: int = option(100, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    log_every: int = option(10, "log every N steps")
+    threads: int | None = option(None, "torch CPU threads (null: torch's default)")
+    progress: bool = option(True, "show a progress bar")
+
+    NOT_HASHED = ("output", "save_every", "keep_checkpoints", "log_every", "threads", "progress")
+
+    def validate(self) -> None:
+        for key in ("batch_size", "save_every", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        for key in ("max_steps", "max_tokens"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {value}")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs: must be positive, got {self.epochs}")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to `peak`, then cosine decay to min_ratio * peak at `total` steps."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Batches:
+    """Instances in stored order, `batch_size` per step, cycling over epochs; position = instances consumed."""
+
+    def __init__(self, split: PackedSplit, batch_size: int, pad_id: int):
+        self.split, self.batch_size, self.pad_id = split, batch_size, pad_id
+
+    def get(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.split)
+        instances = [self.split[(position + i) % n].astype(np.int64) for i in range(self.batch_size)]
+        width = max(len(x) for x in instances)
+        tokens = torch.full((len(instances), width), self.pad_id, dtype=torch.long)
+        real = torch.zeros((len(instances), width), dtype=torch.bool)
+        for i, x in enumerate(instances):
+            tokens[i, : len(x)] = torch.from_numpy(x)
+            real[i, : len(x)] = True
+        return tokens, real
+
+
+def masked_loss(logits: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor, masked_ids: torch.Tensor):
+    """Mean next-token cross-entropy over positions whose input is real and not EOS/pad (fp32)."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    keep = real[:, 1:] & ~torch.isin(inputs, masked_ids)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
+    return loss, int(keep.sum())
+
+
+def _total_steps(config: TrainConfig, split: PackedSplit) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    lengths = split.table.column("n_tokens").to_numpy()
+    per_step = float(lengths.mean()) * config.batch_size
+    tokens = config.max_tokens if config.max_tokens is not None else config.epochs * float(lengths.sum())
+    return max(1, math.ceil(tokens / per_step))
+
+
+def _build_model(config: TrainConfig, corpus: PackedCorpus, tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    max_len = corpus.manifest["max_len"]
+    if config.model in PRESETS:
+        model_config = build_config(config.model, len(tokenizer), max_len + 1, corpus.eos_id, tokenizer.pad_token_id)
+    else:
+        path = Path(config.model)
+        if not path.exists():
+            raise FileNotFoundError(f"model: {config.model!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+        model_config = AutoConfig.from_pretrained(path)
+    torch.manual_seed(config.seed)
+    return AutoModelForCausalLM.from_config(model_config)
+
+
+def _latest_checkpoint(output: Path) -> Path | None:
+    checkpoints = sorted((output / "checkpoints").glob("step-*[0-9]"))
+    return checkpoints[-1] if checkpoints else None
+
+
+def train(config: TrainConfig, log=print) -> dict:
+    started = time.time()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    corpus = PackedCorpus(config.corpus)
+    split = corpus.split(config.split)
+    if len(split) == 0:
+        raise ValueError(f"{config.corpus}/{config.split} has no instances to train on")
+    tokenizer = corpus.load_tokenizer()
+    output = Path(config.output)
+    cfg_hash = config_hash(config, exclude=TrainConfig.NOT_HASHED)
+    key = manifest_key(FORMAT_VERSION, cfg_hash, corpus.key)
+    previous = read_manifest(output)
+    if previous is not None and previous.get("key") == key and previous.get("status") == "done":
+        log(f"train: {output} is done (key {key}); delete it to train again")
+        return previous
+    run_file = output / "run.json"
+    if run_file.is_file() and json.loads(run_file.read_text()).get("key") != key:
+        log(f"train: {output} holds a run with another config or corpus: starting over")
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_file, {"key": key, "config": to_dict(config)})
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = _build_model(config, corpus, tokenizer).to(device)
+    total_steps = _total_steps(config, split)
+    peak_lr = config.lr if config.lr is not None else PRESETS.get(config.model, PRESETS["qwen2-mini"]).lr
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=peak_lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    step, position, tokens_seen = 0, 0, 0
+    checkpoint = _latest_checkpoint(output)
+    if checkpoint is not None:
+        step, position, tokens_seen = _load_checkpoint(checkpoint, model, optimizer, device)
+        log(f"train: resuming {output} from step {step}")
+    _truncate_metrics(output / "metrics.jsonl", step)
+
+    masked = {corpus.eos_id} | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set())
+    masked_ids = torch.tensor(sorted(masked), device=device)
+    batches = Batches(split, config.batch_size, corpus.eos_id)
+    dtype = resolve_precision(config.precision, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else (
+        lambda: torch.autocast(device.type, enabled=False))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"train: {type(model).__name__} {n_params / 1e6:.1f}M parameters, {total_steps} steps of "
+        f"{config.batch_size} sequences on {config.corpus}/{config.split}, autocast {dtype}")
+    model.train()
+    window_start, window_tokens = time.time(), 0
+    from miniplm.scoring.run import token_progress
+
+    with token_progress(config.progress, total_steps, "train (steps)") as advance, \
+            open(output / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+        advance(step)
+        while step < total_steps:
+            lr = lr_at(step, total_steps, peak_lr, config.warmup_steps, config.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tokens, real = (t.to(device) for t in batches.get(position))
+            with autocast():
+                logits = model(input_ids=tokens, use_cache=False).logits
+            loss, n_tokens = masked_loss(logits, tokens, real, masked_ids)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            step += 1
+            position += config.batch_size
+            tokens_seen += int(real.sum())
+            window_tokens += int(real.sum())
+            advance(1)
+            if step % config.log_every == 0 or step == total_steps:
+                elapsed = time.time() - window_start
+                metrics.write(json.dumps({"step": step, "loss": round(loss.item(), 6), "lr": lr,
+                                          "grad_norm": round(float(grad_norm), 6), "tokens": tokens_seen,
+                                          "tokens_per_second": round(window_tokens / max(elapsed, 1e-9), 1)}) + "\n")
+                metrics.flush()
+                window_start, window_tokens = time.time(), 0
+            if step % config.save_every == 0 or step == total_steps:
+                _save_checkpoint(output, step, position, tokens_seen, model, optimizer, tokenizer,
+                                 config.keep_checkpoints)
+    final = output / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(_latest_checkpoint(output), final, ignore=shutil.ignore_patterns("trainer.pt"))
+    curve = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    manifest = new_manifest("train", key, to_dict(config), config_hash=cfg_hash, format_version=FORMAT_VERSION,
+                            status="done", corpus={"path": str(corpus.path), "key": corpus.key, "split": config.split},
+                            model={"class": type(model).__name__, "parameters": n_params, "final": "final"},
+                            steps=total_steps, tokens=tokens_seen, final_loss=curve[-1]["loss"] if curve else None,
+                            wall_seconds=round(time.time() - started, 2))
+    write_json_atomic(output / "manifest.json", manifest)
+    return manifest
+
+
+def _save_checkpoint(output: Path, step: int, position: int, tokens: int, model, optimizer, tokenizer,
+                     keep: int) -> None:
+    root = output / "checkpoints"
+    target = root / f"step-{step:07d}"
+    tmp = root / f"step-{step:07d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    state = {"step": step, "position": position, "tokens": tokens, "optimizer": optimizer.state_dict(),
+             "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(state, tmp / "trainer.pt")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    for old in sorted(root.glob("step-*[0-9]"))[:-keep]:
+        shutil.rmtree(old)
+
+
+def _load_checkpoint(path: Path, model, optimizer, device) -> tuple[int, int, int]:
+    from safetensors.torch import load_file
+
+    weights = load_file(path / "model.safetensors", device=str(device))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:  # tied embeddings are stored once; anything else is damage
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    state = torch.load(path / "trainer.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"]), int(state["position"]), int(state["tokens"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
