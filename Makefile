@@ -21,6 +21,7 @@ demo: setup
 	$(VENV)/bin/miniplm prepare
 
 test: setup
+	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/python -m pytest
 
 clean:

@@ -85,10 +85,11 @@ def miniplm(scorer, instances, batch_tokens):
 
 def matmul_bound(model, dtype, device, tokens: int, mean_context: float) -> tuple[float, float]:
     """(measured matmul FLOP/s at the model's linear shapes, forward FLOPs per token)."""
-    shapes = {}
+    shapes: dict[tuple[int, int], int] = {}
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            shapes[(module.in_features, module.out_features)] = shapes.get((module.in_features, module.out_features), 0) + 1
+            shape = (module.in_features, module.out_features)
+            shapes[shape] = shapes.get(shape, 0) + 1
     flops_per_token = sum(2 * i * o * n for (i, o), n in shapes.items())
     config = model.config
     layers = getattr(config, "num_hidden_layers", 0)
@@ -100,8 +101,7 @@ def matmul_bound(model, dtype, device, tokens: int, mean_context: float) -> tupl
         a = torch.randn(tokens, i, dtype=mm_dtype, device=device)
         b = torch.randn(i, o, dtype=mm_dtype, device=device)
         a @ b  # warm-up
-        reps = 3
-        seconds = timed(lambda: [a @ b for _ in range(reps)]) / reps
+        seconds = timed(lambda a=a, b=b: [a @ b for _ in range(3)]) / 3
         total_flops += 2 * tokens * i * o * n
         total_time += seconds * n
     return total_flops / total_time, flops_per_token
@@ -140,7 +140,8 @@ def main() -> None:
         if dtype is not None:
             results[f"(i) naive, one document per forward, {dtype} autocast"] = timed(
                 lambda: naive(model, instances, corpus.eos_id, dtype, device))
-    results["(ii) padded batch of 16, full logits"] = timed(lambda: padded(model, instances, corpus.eos_id, dtype, device))
+    results["(ii) padded batch of 16, full logits"] = timed(
+        lambda: padded(model, instances, corpus.eos_id, dtype, device))
     results["(iii) miniplm"] = timed(lambda: miniplm(scorer, instances, args.batch_tokens))
     flops, per_token = matmul_bound(model, dtype, device, tokens=min(args.batch_tokens, 4096),
                                     mean_context=float(np.mean([len(x) for x in instances])))
@@ -149,9 +150,9 @@ def main() -> None:
     ours = speed["(iii) miniplm"]
 
     n_docs = len(documents(instances, corpus.eos_id))
-    print(f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M), {len(instances)} instances, "
-          f"{tokens:,} tokens (mean {tokens / len(instances):.0f}), {n_docs} documents or pieces, device {device}, threads {torch.get_num_threads()}, "
-          f"autocast {dtype}")
+    print(f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M), "
+          f"{len(instances)} instances, {tokens:,} tokens (mean {tokens / len(instances):.0f}), {n_docs} documents "
+          f"or pieces, device {device}, threads {torch.get_num_threads()}, autocast {dtype}")
     print("| method | tokens/s | miniplm speed-up |")
     print("|---|---|---|")
     for name, value in speed.items():

@@ -23,7 +23,7 @@ import resource  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-import numpy as np
+import numpy as np  # noqa: E402
 
 CHUNK = 1 << 20
 

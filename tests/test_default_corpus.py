@@ -62,7 +62,8 @@ def test_extractors_read_archives_laid_out_like_the_packages(tmp_path):
     assert list(dc.extract_gutenberg(gut)) == [("comus:0000", "To be.\n\nOr not.")]
 
     moby = make_tgz(tmp_path / "m.tgz", {
-        f"package/data/chapter_{n}.json": json.dumps({"chapter": str(n), "title": f"T{n}.", "text": f"Text {n}."}).encode()
+        f"package/data/chapter_{n}.json":
+            json.dumps({"chapter": str(n), "title": f"T{n}.", "text": f"Text {n}."}).encode()
         for n in (10, 2)})
     assert [i for i, _ in dc.extract_moby_dick(moby)] == ["chapter-002", "chapter-010"]
 

@@ -107,7 +107,7 @@ def test_text_formats_carry_text_and_scores(selection, prepared_corpus, tmp_path
 
 
 def make_student(tmp_path, bos: bool, lossless: bool = True):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from conftest import SENTENCES
@@ -128,7 +128,8 @@ def make_student(tmp_path, bos: bool, lossless: bool = True):
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     path = tmp_path / f"student-{bos}-{lossless}"
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="[UNK]").save_pretrained(path)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+    fast.save_pretrained(path)
     return path
 
 
@@ -162,7 +163,8 @@ def test_cross_tokenizer_export_keeps_instances_and_lossless_text(selection, pre
 
 def test_lossy_student_tokenizer_is_reported(selection, tmp_path):
     logs = []
-    cfg = load_config(ExportConfig, None, {"selection": str(selection), "format": "tokens", "output": str(tmp_path / "x"),
+    cfg = load_config(ExportConfig, None, {"selection": str(selection), "format": "tokens",
+                                           "output": str(tmp_path / "x"),
                                            "tokenizer": str(make_student(tmp_path, bos=False, lossless=False))})
     manifest = export(cfg, log=logs.append)
     assert manifest["round_trip"]["fraction"] > 0.5

@@ -1,8 +1,6 @@
 import json
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 

@@ -1,5 +1,4 @@
 import gzip
-import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,8 +16,9 @@ RECORDS = [
 ]
 
 
-def docs_of(*specs, fields=Fields()):
-    return list(read_documents(expand_inputs([InputSpec(**s) if isinstance(s, dict) else InputSpec(s) for s in specs]), fields))
+def docs_of(*specs, fields: Fields | None = None):
+    inputs = [InputSpec(**s) if isinstance(s, dict) else InputSpec(s) for s in specs]
+    return list(read_documents(expand_inputs(inputs), fields or Fields()))
 
 
 def summary(docs):

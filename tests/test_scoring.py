@@ -4,10 +4,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -57,7 +55,8 @@ def test_scores_do_not_depend_on_batch_size_or_order(tiny_model_dir, prepared_co
     b = read_scores(tmp_path / "b")
     assert a.column("instance_id").to_pylist() == b.column("instance_id").to_pylist()
     assert a.column("n_scored").to_pylist() == b.column("n_scored").to_pylist()
-    per_token = np.abs(a.column("logp_sum").to_numpy() - b.column("logp_sum").to_numpy()) / a.column("n_scored").to_numpy()
+    diff = np.abs(a.column("logp_sum").to_numpy() - b.column("logp_sum").to_numpy())
+    per_token = diff / a.column("n_scored").to_numpy()
     assert per_token.max() < 1e-4
 
 
@@ -162,7 +161,7 @@ def test_kill_9_then_resume_gives_identical_rows(prepared_corpus, tmp_path, toke
     total = json.loads((tmp_path / "whole" / "manifest.json").read_text())["parts"]
     rng = np.random.default_rng(7)
     killed = 0
-    for attempt in range(3):
+    for _ in range(3):
         proc = subprocess.Popen(_score_cmd(model, prepared_corpus, tmp_path / "resumed", *args),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         target = int(rng.integers(1, max(2, total // 2)))

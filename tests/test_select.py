@@ -1,9 +1,7 @@
 import json
 import math
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 

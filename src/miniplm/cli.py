@@ -165,10 +165,10 @@ def _run_train(config, args) -> int:
 
 def _commands() -> list[Command]:
     from miniplm.data.prepare import PrepareConfig
-    from miniplm.training.train import TrainConfig
     from miniplm.export import ExportConfig
     from miniplm.scoring.run import ScoreConfig
     from miniplm.selection.select import SelectConfig
+    from miniplm.training.train import TrainConfig
 
     return [
         Command(

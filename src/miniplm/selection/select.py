@@ -81,7 +81,8 @@ class SelectConfig:
             raise ConfigError(f"temperature: must be positive, got {self.temperature}")
         if isinstance(self.domain_quota, str) and self.domain_quota not in ("none", "proportional") \
                 and not self.domain_quota.startswith("from:"):
-            raise ConfigError(f"domain_quota: use none, proportional, from:<dir> or a mapping, got {self.domain_quota!r}")
+            raise ConfigError(f"domain_quota: use none, proportional, from:<dir> or a mapping, "
+                              f"got {self.domain_quota!r}")
         if isinstance(self.domain_quota, dict) and (not self.domain_quota or min(self.domain_quota.values()) < 0):
             raise ConfigError("domain_quota: a mapping needs at least one domain and no negative share")
 
@@ -282,7 +283,8 @@ def select(config: SelectConfig, force: bool = False, log=print) -> dict:
             scores={name: {"path": runs[name], "key": inputs[name]} for name in needs},
             instances=arrays.n,
             invalid_scores=invalid,
-            target={"budget_tokens": config.budget_tokens} if by_tokens else {"alpha": config.alpha, "instances": target},
+            target=({"budget_tokens": config.budget_tokens} if by_tokens
+                    else {"alpha": config.alpha, "instances": target}),
             kept=kept,
             kept_tokens=sum(v["kept_tokens"] for v in domains.values()),
             cuts={("all" if d is None else arrays.domain_names[d]): (None if c is None else

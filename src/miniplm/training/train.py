@@ -30,6 +30,7 @@ from miniplm.config import ConfigError, config_hash, option, to_dict
 from miniplm.data.shards import PackedCorpus, PackedSplit
 from miniplm.manifest import manifest_key, new_manifest, read_manifest, write_json_atomic
 from miniplm.models import resolve_precision
+from miniplm.progress import progress
 from miniplm.training.presets import PRESETS, build_config
 
 FORMAT_VERSION = 1
@@ -188,9 +189,7 @@ def train(config: TrainConfig, log=print) -> dict:
         f"{config.batch_size} sequences on {config.corpus}/{config.split}, autocast {dtype}")
     model.train()
     window_start, window_tokens = time.time(), 0
-    from miniplm.scoring.run import token_progress
-
-    with token_progress(config.progress, total_steps, "train (steps)") as advance, \
+    with progress(config.progress, total_steps, "train", unit="steps") as advance, \
             open(output / "metrics.jsonl", "a", encoding="utf-8") as metrics:
         advance(step)
         while step < total_steps:
