@@ -73,3 +73,49 @@ def test_kill_9_then_resume_follows_the_same_curve(prepared_corpus, tmp_path):
     a = torch.load(tmp_path / "whole" / "checkpoints" / "step-0000030" / "trainer.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "step-0000030" / "trainer.pt", weights_only=True)
     assert a["position"] == b["position"] and a["tokens"] == b["tokens"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gptneox", "mamba"])
+def test_each_family_trains_and_its_loss_falls(family, prepared_corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    manifest = train(cfg(prepared_corpus, tmp_path / family, model=f"{family}-tiny", max_steps=25, lr=5e-3,
+                         save_every=25), log=lambda m: None)
+    losses = [row["loss"] for row in curve(tmp_path / family)]
+    assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.3, losses
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / family / "final")
+    assert model.config.model_type == {"llama": "llama", "gptneox": "gpt_neox", "mamba": "mamba"}[family]
+    assert manifest["model"]["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_vanilla_kd_loss_matches_a_hand_computation():
+    torch.manual_seed(0)
+    tokens = torch.tensor([[3, 4, 2, 5, 6], [7, 8, 9, 1, 2]])
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    student, teacher = torch.randn(2, 5, 12), torch.randn(2, 5, 14)  # the teacher may have padding rows
+    masked = torch.tensor([2])
+    loss, n = masked_loss(student, tokens, real, masked, teacher, kd_lambda=0.3, temperature=2.0)
+    total, count = 0.0, 0
+    for b in range(2):
+        for t in range(4):
+            if tokens[b, t] == 2:
+                continue
+            ce = -torch.log_softmax(student[b, t], -1)[tokens[b, t + 1]]
+            p = torch.softmax(teacher[b, t, :12] / 2.0, -1)
+            kd = -(p * torch.log_softmax(student[b, t] / 2.0, -1)).sum()
+            total, count = total + 0.7 * ce + 0.3 * kd, count + 1
+    # mean of the mixture = mixture of the means over the same positions
+    assert n == count == 7 and loss.item() == pytest.approx((total / count).item(), rel=1e-5)
+    plain, _ = masked_loss(student, tokens, real, masked)
+    assert masked_loss(student, tokens, real, masked, teacher, kd_lambda=0.0)[0].item() == pytest.approx(plain.item())
+
+
+def test_vanilla_kd_trains_with_matched_flops_and_refuses_another_vocabulary(prepared_corpus, tiny_model_dir,
+                                                                              tmp_path):
+    logs = []
+    manifest = train(cfg(prepared_corpus, tmp_path / "kd", kd="vanilla", teacher=str(tiny_model_dir),
+                         match_flops=True, max_steps=20), log=logs.append)
+    assert any("--match-flops: 20 steps ->" in m for m in logs)
+    assert manifest["steps"] < 20 and len(curve(tmp_path / "kd")) == manifest["steps"]
+    with pytest.raises(ValueError, match="needs one vocabulary"):
+        train(cfg(prepared_corpus, tmp_path / "kd2", kd="vanilla", teacher="smollm2"), log=lambda m: None)

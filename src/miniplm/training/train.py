@@ -31,7 +31,7 @@ from miniplm.data.shards import PackedCorpus, PackedSplit
 from miniplm.manifest import manifest_key, new_manifest, read_manifest, write_json_atomic
 from miniplm.models import resolve_precision
 from miniplm.progress import progress
-from miniplm.training.presets import PRESETS, build_config
+from miniplm.training.presets import FAMILIES, PRESETS, SIZES, build_config
 
 FORMAT_VERSION = 1
 
@@ -41,7 +41,8 @@ class TrainConfig:
     corpus: str = option("out/corpus", "a `miniplm prepare` (or `miniplm export --format tokens`) output")
     split: str = option("train", "split to train on (ref: D_ref, for the reference model)")
     output: str = option("out/train", "run directory: checkpoints, metrics.jsonl, final/")
-    model: str = option("qwen2-mini", f"a preset ({', '.join(PRESETS)}) or a transformers config.json path")
+    model: str = option("qwen2-mini", f"a preset <family>-<size> (families {', '.join(FAMILIES)}; sizes "
+                        f"{', '.join(SIZES)}) or a transformers config.json path")
     lr: float | None = option(None, "peak learning rate (null: the preset's)")
     batch_size: int = option(8, "sequences per optimizer step")
     max_steps: int | None = option(None, "optimizer steps (null: from max_tokens or epochs)")
@@ -60,6 +61,11 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
     log_every: int = option(10, "log every N steps")
     threads: int | None = option(None, "torch CPU threads (null: torch's default)")
+    kd: Literal["none", "vanilla"] = option("none", "vanilla: online token-level KD from the teacher (a baseline)")
+    teacher: str = option("smollm2", "the KD teacher: local directory, hub id, .gguf file, or 'smollm2'")
+    kd_lambda: float = option(0.5, "KD loss = (1 - lambda) * CE + lambda * CE(teacher probs, student log-probs)")
+    kd_temperature: float = option(1.0, "softmax temperature of both distributions in the KD term")
+    match_flops: bool = option(False, "KD: cut the steps to T * 3Ns / (3Ns + Nt), the paper's equal-FLOPs rule")
     progress: bool = option(True, "show a progress bar")
 
     NOT_HASHED = ("output", "save_every", "keep_checkpoints", "log_every", "threads", "progress")
@@ -74,6 +80,10 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be at least 1, got {value}")
         if self.epochs <= 0:
             raise ConfigError(f"epochs: must be positive, got {self.epochs}")
+        if not 0 <= self.kd_lambda <= 1:
+            raise ConfigError(f"kd_lambda: must be in [0, 1], got {self.kd_lambda}")
+        if self.kd_temperature <= 0:
+            raise ConfigError(f"kd_temperature: must be positive, got {self.kd_temperature}")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
@@ -102,11 +112,19 @@ class Batches:
         return tokens, real
 
 
-def masked_loss(logits: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor, masked_ids: torch.Tensor):
-    """Mean next-token cross-entropy over positions whose input is real and not EOS/pad (fp32)."""
+def masked_loss(logits: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor, masked_ids: torch.Tensor,
+                teacher_logits: torch.Tensor | None = None, kd_lambda: float = 0.0, temperature: float = 1.0):
+    """Mean loss over positions whose input is real and not EOS/pad, in fp32: next-token cross-entropy,
+    mixed with the KD term CE(softmax(teacher / T), log_softmax(student / T)) when teacher logits are given."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     keep = real[:, 1:] & ~torch.isin(inputs, masked_ids)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
+    student = logits[:, :-1][keep].float()
+    loss = torch.nn.functional.cross_entropy(student, targets[keep])
+    if teacher_logits is not None and kd_lambda > 0:
+        teacher = teacher_logits[:, :-1][keep].float()[:, : student.shape[-1]]
+        soft = torch.softmax(teacher / temperature, dim=-1)
+        kd = -(soft * torch.log_softmax(student / temperature, dim=-1)).sum(-1).mean()
+        loss = (1 - kd_lambda) * loss + kd_lambda * kd
     return loss, int(keep.sum())
 
 
@@ -132,6 +150,20 @@ def _build_model(config: TrainConfig, corpus: PackedCorpus, tokenizer):
         model_config = AutoConfig.from_pretrained(path)
     torch.manual_seed(config.seed)
     return AutoModelForCausalLM.from_config(model_config)
+
+
+def _load_teacher(config: TrainConfig, corpus: PackedCorpus, tokenizer, device):
+    """The KD teacher, refused unless its tokenizer is the corpus's (token-level KD needs one vocabulary)."""
+    from miniplm.models import load_causal_lm
+    from miniplm.scoring.run import vocab_fingerprint
+    from miniplm.tokenizer import load_tokenizer
+
+    teacher_tokenizer = load_tokenizer(config.teacher, trust_remote_code=False)
+    if vocab_fingerprint(teacher_tokenizer) != vocab_fingerprint(tokenizer):
+        raise ValueError(f"--kd vanilla needs one vocabulary: teacher '{config.teacher}' has a "
+                         f"{len(teacher_tokenizer):,}-token tokenizer that differs from the {len(tokenizer):,}-token "
+                         f"tokenizer of {corpus.path}; use SeqKD or MiniPLM for a student of another family")
+    return load_causal_lm(config.teacher, device=device)
 
 
 def _latest_checkpoint(output: Path) -> Path | None:
@@ -165,7 +197,15 @@ def train(config: TrainConfig, log=print) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = _build_model(config, corpus, tokenizer).to(device)
     total_steps = _total_steps(config, split)
-    peak_lr = config.lr if config.lr is not None else PRESETS.get(config.model, PRESETS["qwen2-mini"]).lr
+    n_params = sum(p.numel() for p in model.parameters())
+    teacher = _load_teacher(config, corpus, tokenizer, device) if config.kd == "vanilla" else None
+    if teacher is not None and config.match_flops:
+        n_teacher = sum(p.numel() for p in teacher.parameters())
+        full = total_steps
+        total_steps = max(1, math.floor(full * 3 * n_params / (3 * n_params + n_teacher)))
+        log(f"train: --match-flops: {full} steps -> {total_steps} (student {n_params / 1e6:.1f}M, teacher "
+            f"{n_teacher / 1e6:.1f}M: the teacher's forward costs the difference)")
+    peak_lr = config.lr if config.lr is not None else PRESETS.get(config.model, SIZES["mini"]).lr
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -184,7 +224,6 @@ def train(config: TrainConfig, log=print) -> dict:
     dtype = resolve_precision(config.precision, device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else (
         lambda: torch.autocast(device.type, enabled=False))
-    n_params = sum(p.numel() for p in model.parameters())
     log(f"train: {type(model).__name__} {n_params / 1e6:.1f}M parameters, {total_steps} steps of "
         f"{config.batch_size} sequences on {config.corpus}/{config.split}, autocast {dtype}")
     model.train()
@@ -199,7 +238,12 @@ def train(config: TrainConfig, log=print) -> dict:
             tokens, real = (t.to(device) for t in batches.get(position))
             with autocast():
                 logits = model(input_ids=tokens, use_cache=False).logits
-            loss, n_tokens = masked_loss(logits, tokens, real, masked_ids)
+                teacher_logits = None
+                if teacher is not None:
+                    with torch.no_grad():  # the teacher is frozen, in eval mode
+                        teacher_logits = teacher(input_ids=tokens, use_cache=False).logits
+            loss, n_tokens = masked_loss(logits, tokens, real, masked_ids, teacher_logits, config.kd_lambda,
+                                         config.kd_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
