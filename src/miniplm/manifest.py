@@ -89,3 +89,38 @@ def new_manifest(stage: str, key: str, config: dict, **fields) -> dict:
         "config": config,
         **fields,
     }
+
+
+def part_path(output: str | Path, part: int) -> Path:
+    """Where part `part` of a resumable stage lives (written under .tmp, then renamed)."""
+    return Path(output) / "parts" / f"part-{part:06d}.parquet"
+
+
+def open_resumable(output: str | Path, key: str, parts: int, stage: str, force: bool, log, **plan) -> int:
+    """Ready `output` for a part-by-part stage and return how many parts are already done.
+
+    Parts of an interrupted run with the same key are kept; anything else there (another config, model or
+    corpus, or --force) is removed. Leftover temporary files and a stale manifest are deleted, and
+    `plan.json` records the key so that the next run can tell.
+    """
+    output = Path(output)
+    plan_path = output / "plan.json"
+    previous = None
+    if plan_path.is_file():
+        try:
+            previous = json.loads(plan_path.read_text()).get("key")
+        except json.JSONDecodeError:
+            previous = None
+    if output.exists() and (force or previous != key):
+        if previous is not None or (output / "parts").exists():
+            log(f"{stage}: {output} holds another run's output (a changed config, model or corpus): removing it")
+        shutil.rmtree(output)
+    (output / "parts").mkdir(parents=True, exist_ok=True)
+    for leftover in (output / "parts").glob("*.tmp"):
+        leftover.unlink()
+    (output / MANIFEST).unlink(missing_ok=True)
+    done = sum(part_path(output, p).is_file() for p in range(parts))
+    if done:
+        log(f"{stage}: resuming {output}: {done} of {parts} parts already done")
+    write_json_atomic(plan_path, {"key": key, "parts": parts, **plan})
+    return done

@@ -14,9 +14,7 @@ rank, rank + world_size, ...) and Ray Data (`map_batches` over part ids with an 
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,15 @@ import pyarrow.parquet as pq
 
 from miniplm.config import ConfigError, config_hash, option, to_dict
 from miniplm.data.shards import PackedCorpus, PackedSplit, atomic_write
-from miniplm.manifest import is_up_to_date, manifest_key, new_manifest, read_manifest, write_json_atomic
+from miniplm.manifest import (
+    is_up_to_date,
+    manifest_key,
+    new_manifest,
+    open_resumable,
+    part_path,
+    read_manifest,
+    write_json_atomic,
+)
 from miniplm.progress import progress
 from miniplm.scoring.plan import padding_fraction, plan_batches, plan_parts
 from miniplm.tokenizer import DEFAULT_TOKENIZER, source_fingerprint
@@ -84,7 +90,7 @@ class ScoreJob:
     parts: list[np.ndarray]
 
     def part_path(self, part: int) -> Path:
-        return self.output / "parts" / f"part-{part:06d}.parquet"
+        return part_path(self.output, part)
 
     def done(self, part: int) -> bool:
         return self.part_path(part).is_file()
@@ -194,7 +200,7 @@ def score(config: ScoreConfig, force: bool = False, log=print) -> dict:
 
     group = _init_process_group(world, config, local_rank)
     if rank == 0:
-        _prepare_output(job, key, force, log)
+        open_resumable(output, key, len(job.parts), "score", force, log, instances=int(len(lengths)))
     _barrier(group)
 
     scorer, model, context = build_scorer(config, corpus, local_rank, log if rank == 0 else (lambda m: None))
@@ -264,29 +270,6 @@ def read_scores_parts(job: ScoreJob) -> pa.Table:
         raise RuntimeError(f"{job.output}: parts hold {len(ids)} rows ({len(np.unique(ids))} distinct) for "
                            f"{len(job.lengths)} instances; delete the directory and score again")
     return rows
-
-
-def _prepare_output(job: ScoreJob, key: str, force: bool, log) -> None:
-    """Keep parts of an interrupted run with the same key; wipe anything else."""
-    plan_path = job.output / "plan.json"
-    previous = None
-    if plan_path.is_file():
-        try:
-            previous = json.loads(plan_path.read_text()).get("key")
-        except json.JSONDecodeError:
-            previous = None
-    if job.output.exists() and (force or previous != key):
-        if previous is not None or (job.output / "parts").exists():
-            log(f"score: {job.output} holds another run's output (a changed config, model or corpus): removing it")
-        shutil.rmtree(job.output)
-    (job.output / "parts").mkdir(parents=True, exist_ok=True)
-    for leftover in (job.output / "parts").glob("*.tmp"):
-        leftover.unlink()
-    (job.output / "manifest.json").unlink(missing_ok=True)
-    done = sum(job.done(p) for p in range(len(job.parts)))
-    if done:
-        log(f"score: resuming {job.output}: {done} of {len(job.parts)} parts already scored")
-    write_json_atomic(plan_path, {"key": key, "parts": len(job.parts), "instances": int(len(job.lengths))})
 
 
 def _run_local(scorer, split: PackedSplit, job: ScoreJob, parts: list[int], show: bool) -> None:

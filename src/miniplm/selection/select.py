@@ -30,7 +30,15 @@ import pyarrow.parquet as pq
 
 from miniplm.config import ConfigError, config_hash, option, to_dict
 from miniplm.data.shards import PackedCorpus
-from miniplm.manifest import is_up_to_date, manifest_key, new_manifest, read_manifest, staged_output, write_json_atomic
+from miniplm.manifest import (
+    is_up_to_date,
+    manifest_key,
+    new_manifest,
+    part_path,
+    read_manifest,
+    staged_output,
+    write_json_atomic,
+)
 from miniplm.selection.topk import Cut, exact_top
 
 CHUNK = 1 << 20
@@ -125,7 +133,7 @@ class ScoreArrays:
             plan = run / "plan.json"
             if plan.is_file():
                 parts = json.loads(plan.read_text())["parts"]
-                missing = [p for p in range(parts) if not (run / "parts" / f"part-{p:06d}.parquet").is_file()]
+                missing = [p for p in range(parts) if not part_path(run, p).is_file()]
                 raise ValueError(f"{name} scores at {run} are unfinished: {len(missing)} of {parts} parts are "
                                  f"missing (parts {missing[:10]}{'...' if len(missing) > 10 else ''}); rerun the "
                                  f"same `miniplm score` command to finish them")
