@@ -163,11 +163,21 @@ def _run_train(config, args) -> int:
     return 0
 
 
+def _run_generate(config, args) -> int:
+    from miniplm.training.generate import generate
+
+    manifest = generate(config, force=args.force)
+    print(f"generated {manifest['splits']['train']['instances']:,} instances "
+          f"({manifest['generated_tokens']:,} new tokens) into {config.output}")
+    return 0
+
+
 def _commands() -> list[Command]:
     from miniplm.data.prepare import PrepareConfig
     from miniplm.export import ExportConfig
     from miniplm.scoring.run import ScoreConfig
     from miniplm.selection.select import SelectConfig
+    from miniplm.training.generate import GenerateConfig
     from miniplm.training.train import TrainConfig
 
     return [
@@ -245,6 +255,17 @@ def _commands() -> list[Command]:
             "examples:\n"
             "  miniplm train --split ref --model qwen2-small --output out/ref     # the reference model\n"
             "  miniplm train --corpus out/export/miniplm --model qwen2-mini --output out/students/miniplm",
+        ),
+        Command(
+            "generate",
+            GenerateConfig,
+            _run_generate,
+            "SeqKD: a teacher-written corpus (prompts from the corpus, sampled continuations), resumable",
+            "For every instance, a prompt of 128-512 corpus tokens is continued by the teacher, sampling at "
+            "temperature 1 up to max_len + 1 tokens (the paper's SeqKD defaults). The output is a corpus in "
+            "the `prepare` layout that `miniplm train --corpus` reads.\n\n"
+            "examples:\n"
+            "  miniplm generate --model smollm2 --corpus out/corpus --output out/seqkd --max-instances 500",
         ),
     ]
 

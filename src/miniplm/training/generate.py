@@ -1,0 +1,160 @@
+"""`miniplm generate`: the SeqKD corpus, written by the teacher, resumable, readable by `miniplm train`.
+
+For every instance of a split (in corpus order), a prompt of 128-512 tokens (the paper's range; uniform,
+fixed per instance by the seed, never more than the instance minus one token) is continued by sampling
+at temperature 1 up to max_len + 1 tokens. Instances are grouped into parts of `part_instances`; each part
+is generated with its own seeded RNG and written under a temporary name, so a killed run resumes by the
+part and a rerun reproduces the same corpus. When all parts exist, they are packed into the `prepare`
+layout (`<output>/train/` shards, the tokenizer, a manifest), so `miniplm train --corpus <output>` reads
+the generated corpus like any other.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from miniplm.config import ConfigError, config_hash, option, to_dict
+from miniplm.data.packing import Instance
+from miniplm.data.shards import PackedCorpus, ShardWriter, atomic_write, token_dtype
+from miniplm.manifest import (
+    is_up_to_date,
+    manifest_key,
+    new_manifest,
+    open_resumable,
+    part_path,
+    read_manifest,
+    write_json_atomic,
+)
+from miniplm.progress import progress
+from miniplm.selection.select import uniform_hash
+from miniplm.tokenizer import DEFAULT_TOKENIZER, source_fingerprint
+
+FORMAT_VERSION = 1
+PART_SCHEMA = pa.schema([("instance_id", pa.int64()), ("prompt_tokens", pa.int32()), ("tokens", pa.list_(pa.int32()))])
+
+
+@dataclass
+class GenerateConfig:
+    model: str = option(DEFAULT_TOKENIZER, "the teacher: local directory, hub id, .gguf file, or 'smollm2'")
+    corpus: str = option("out/corpus", "a `miniplm prepare` output whose instances give the prompts")
+    split: str = option("train", "split to take prompts from")
+    output: str = option("out/seqkd", "output directory (a corpus in the `prepare` layout)")
+    prompt_min: int = option(128, "shortest prompt, in tokens")
+    prompt_max: int = option(512, "longest prompt, in tokens")
+    temperature: float = option(1.0, "sampling temperature")
+    batch_size: int = option(8, "sequences generated together")
+    part_instances: int = option(64, "instances per part: the unit of resume")
+    max_instances: int | None = option(None, "use only the first N instances of the split")
+    seed: int = option(10, "seed of prompt lengths and sampling")
+    threads: int | None = option(None, "torch CPU threads (null: torch's default)")
+    progress: bool = option(True, "show a progress bar")
+
+    NOT_HASHED = ("output", "threads", "progress")
+
+    def validate(self) -> None:
+        if not 1 <= self.prompt_min <= self.prompt_max:
+            raise ConfigError(f"prompt_min/prompt_max: need 1 <= {self.prompt_min} <= {self.prompt_max}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: must be positive, got {self.temperature}")
+        for key in ("batch_size", "part_instances", "max_instances", "threads"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {value}")
+
+
+def prompt_lengths(config: GenerateConfig, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    span = config.prompt_max - config.prompt_min + 1
+    wanted = config.prompt_min + np.floor(uniform_hash(config.seed, ids) * span).astype(np.int64)
+    return np.minimum(wanted, lengths - 1).clip(min=1)
+
+
+@torch.no_grad()
+def generate_part(model, split, ids: np.ndarray, prompts: np.ndarray, config: GenerateConfig, max_len: int,
+                  part: int, pad_id: int) -> pa.Table:
+    """Continue each prompt of the part up to max_len + 1 tokens (a row stops early at EOS)."""
+    torch.manual_seed(config.seed * 1_000_003 + part)  # one RNG stream per part: resumable, reproducible
+    device = next(model.parameters()).device
+    rows = []
+    for start in range(0, len(ids), config.batch_size):
+        batch_ids = ids[start : start + config.batch_size]
+        batch_prompts = prompts[start : start + config.batch_size]
+        width = int(batch_prompts.max())
+        tokens = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
+        for i, (instance, length) in enumerate(zip(batch_ids, batch_prompts)):  # left-padded prompts
+            tokens[i, width - length :] = torch.from_numpy(split[int(instance)][:length].astype(np.int64))
+            mask[i, width - length :] = 1
+        out = model.generate(input_ids=tokens.to(device), attention_mask=mask.to(device), do_sample=True,
+                             temperature=config.temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=max_len + 1 - int(batch_prompts.min()), pad_token_id=pad_id)
+        for i, (instance, length) in enumerate(zip(batch_ids, batch_prompts)):
+            continuation = out[i, width:].tolist()
+            if pad_id in continuation:  # the row ended (EOS, then padding): keep its EOS
+                continuation = continuation[: continuation.index(pad_id) + 1]
+            seq = tokens[i, width - length :].tolist() + continuation
+            rows.append({"instance_id": int(instance), "prompt_tokens": int(length), "tokens": seq[: max_len + 1]})
+    return pa.Table.from_pylist(rows, schema=PART_SCHEMA)
+
+
+def generate(config: GenerateConfig, force: bool = False, log=print) -> dict:
+    from miniplm.models import load_causal_lm
+    from miniplm.scoring.run import vocab_fingerprint
+    from miniplm.tokenizer import load_tokenizer
+
+    started = time.time()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    corpus = PackedCorpus(config.corpus)
+    split = corpus.split(config.split)
+    count = len(split) if config.max_instances is None else min(config.max_instances, len(split))
+    lengths = split.table.column("n_tokens").to_numpy()[:count].astype(np.int64)
+    ids = np.arange(count, dtype=np.int64)
+    prompts = prompt_lengths(config, ids, lengths)
+    parts = [ids[a : a + config.part_instances] for a in range(0, count, config.part_instances)]
+    max_len = corpus.manifest["max_len"]
+    cfg_hash = config_hash(config, exclude=GenerateConfig.NOT_HASHED)
+    key = manifest_key(FORMAT_VERSION, cfg_hash, corpus.key, source_fingerprint(config.model))
+    output = Path(config.output)
+    if not force and is_up_to_date(output, key):
+        log(f"generate: {output} is up to date (key {key}); pass --force to redo it")
+        return read_manifest(output)
+    open_resumable(output, key, len(parts), "generate", force, log, instances=count)
+
+    tokenizer = corpus.load_tokenizer()
+    if vocab_fingerprint(load_tokenizer(config.model)) != vocab_fingerprint(tokenizer):
+        raise ValueError(f"teacher '{config.model}' does not share the tokenizer of {corpus.path}: SeqKD prompts "
+                         f"are corpus tokens, so the teacher must read them")
+    model = load_causal_lm(config.model)
+    todo = [p for p in range(len(parts)) if not part_path(output, p).is_file()]
+    with progress(config.progress, len(todo) * config.part_instances, "generate", unit="instances") as advance:
+        for p in todo:
+            table = generate_part(model, split, parts[p], prompts[parts[p]], config, max_len, p, corpus.eos_id)
+            atomic_write(part_path(output, p), lambda path, table=table: pq.write_table(table, path))
+            advance(len(parts[p]))
+
+    writer = ShardWriter(output / "train", token_dtype(len(tokenizer)), 1 << 26, shuffle=False, seed=0)
+    domains = split.table.column("domain").to_pylist()
+    generated = 0
+    for p in range(len(parts)):
+        for row in pq.read_table(part_path(output, p)).to_pylist():
+            generated += len(row["tokens"]) - row["prompt_tokens"]
+            writer.add(Instance(np.asarray(row["tokens"], dtype=np.int64), domains[row["instance_id"]],
+                                np.array([row["instance_id"]], dtype=np.int64)))
+    summary = writer.close()
+    tokenizer.save_pretrained(output / "tokenizer")
+    manifest = new_manifest(
+        "prepare", key, to_dict(config), generated_by="generate", config_hash=cfg_hash,
+        format_version=FORMAT_VERSION, max_len=max_len,
+        tokenizer={**corpus.manifest["tokenizer"], "path": "tokenizer"},
+        source={"corpus": str(corpus.path), "key": corpus.key, "split": config.split, "model": config.model},
+        splits={"train": summary}, generated_tokens=generated, wall_seconds=round(time.time() - started, 2),
+    )
+    write_json_atomic(output / "manifest.json", manifest)
+    return manifest
