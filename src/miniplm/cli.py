@@ -157,6 +157,8 @@ def _run_train(config, args) -> int:
     from miniplm.training.train import train
 
     manifest = train(config)
+    if not manifest:  # a non-zero torchrun rank: rank 0 reports
+        return 0
     print(f"trained {manifest['model']['class']} ({manifest['model']['parameters'] / 1e6:.1f}M) for "
           f"{manifest['steps']} steps, {manifest['tokens']:,} tokens, final loss {manifest['final_loss']}; "
           f"model in {config.output}/final")

@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from miniplm import distributed
 from miniplm.config import ConfigError, config_hash, option, to_dict
 from miniplm.data.shards import PackedCorpus, PackedSplit
 from miniplm.manifest import manifest_key, new_manifest, read_manifest, write_json_atomic
@@ -114,16 +115,17 @@ class Batches:
 
 def masked_loss(logits: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor, masked_ids: torch.Tensor,
                 teacher_logits: torch.Tensor | None = None, kd_lambda: float = 0.0, temperature: float = 1.0):
-    """Mean loss over positions whose input is real and not EOS/pad, in fp32: next-token cross-entropy,
-    mixed with the KD term CE(softmax(teacher / T), log_softmax(student / T)) when teacher logits are given."""
+    """(sum, count) of the per-position loss over positions whose input is real and not EOS/pad, in fp32:
+    next-token cross-entropy, mixed with the KD term CE(softmax(teacher / T), log_softmax(student / T))
+    when teacher logits are given. Sums, not means, so that ranks can share one global mean."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     keep = real[:, 1:] & ~torch.isin(inputs, masked_ids)
     student = logits[:, :-1][keep].float()
-    loss = torch.nn.functional.cross_entropy(student, targets[keep])
+    loss = torch.nn.functional.cross_entropy(student, targets[keep], reduction="sum")
     if teacher_logits is not None and kd_lambda > 0:
         teacher = teacher_logits[:, :-1][keep].float()[:, : student.shape[-1]]
         soft = torch.softmax(teacher / temperature, dim=-1)
-        kd = -(soft * torch.log_softmax(student / temperature, dim=-1)).sum(-1).mean()
+        kd = -(soft * torch.log_softmax(student / temperature, dim=-1)).sum()
         loss = (1 - kd_lambda) * loss + kd_lambda * kd
     return loss, int(keep.sum())
 
@@ -187,14 +189,22 @@ def train(config: TrainConfig, log=print) -> dict:
     if previous is not None and previous.get("key") == key and previous.get("status") == "done":
         log(f"train: {output} is done (key {key}); delete it to train again")
         return previous
+    rank, world, local_rank = distributed.rank_world()
+    if config.batch_size % world:
+        raise ConfigError(f"batch_size: {config.batch_size} sequences do not split evenly over {world} ranks")
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    distributed.init(device)
+    if rank != 0:
+        log = lambda message: None  # noqa: E731 - one voice in the log
     run_file = output / "run.json"
-    if run_file.is_file() and json.loads(run_file.read_text()).get("key") != key:
-        log(f"train: {output} holds a run with another config or corpus: starting over")
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_file, {"key": key, "config": to_dict(config)})
+    if rank == 0:
+        if run_file.is_file() and json.loads(run_file.read_text()).get("key") != key:
+            log(f"train: {output} holds a run with another config or corpus: starting over")
+            shutil.rmtree(output)
+        output.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_file, {"key": key, "config": to_dict(config)})
+    distributed.barrier()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = _build_model(config, corpus, tokenizer).to(device)
     total_steps = _total_steps(config, split)
     n_params = sum(p.numel() for p in model.parameters())
@@ -216,7 +226,14 @@ def train(config: TrainConfig, log=print) -> dict:
     if checkpoint is not None:
         step, position, tokens_seen = _load_checkpoint(checkpoint, model, optimizer, device)
         log(f"train: resuming {output} from step {step}")
-    _truncate_metrics(output / "metrics.jsonl", step)
+    if rank == 0:
+        _truncate_metrics(output / "metrics.jsonl", step)
+    distributed.barrier()
+    ddp_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     masked = {corpus.eos_id} | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set())
     masked_ids = torch.tensor(sorted(masked), device=device)
@@ -225,44 +242,56 @@ def train(config: TrainConfig, log=print) -> dict:
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else (
         lambda: torch.autocast(device.type, enabled=False))
     log(f"train: {type(model).__name__} {n_params / 1e6:.1f}M parameters, {total_steps} steps of "
-        f"{config.batch_size} sequences on {config.corpus}/{config.split}, autocast {dtype}")
+        f"{config.batch_size} sequences on {config.corpus}/{config.split}, autocast {dtype}, {world} rank(s)")
     model.train()
     window_start, window_tokens = time.time(), 0
-    with progress(config.progress, total_steps, "train", unit="steps") as advance, \
-            open(output / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+    metrics = open(output / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    with progress(config.progress and rank == 0, total_steps, "train", unit="steps") as advance:
         advance(step)
         while step < total_steps:
             lr = lr_at(step, total_steps, peak_lr, config.warmup_steps, config.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            tokens, real = (t.to(device) for t in batches.get(position))
+            tokens, real = batches.get(position)  # the global batch; each rank trains on its rows
+            batch_tokens = int(real.sum())
+            tokens, real = tokens[rank::world].to(device), real[rank::world].to(device)
             with autocast():
-                logits = model(input_ids=tokens, use_cache=False).logits
+                logits = ddp_model(input_ids=tokens, use_cache=False).logits
                 teacher_logits = None
                 if teacher is not None:
                     with torch.no_grad():  # the teacher is frozen, in eval mode
                         teacher_logits = teacher(input_ids=tokens, use_cache=False).logits
-            loss, n_tokens = masked_loss(logits, tokens, real, masked_ids, teacher_logits, config.kd_lambda,
-                                         config.kd_temperature)
+            loss_sum, count = masked_loss(logits, tokens, real, masked_ids, teacher_logits, config.kd_lambda,
+                                          config.kd_temperature)
+            total = int(distributed.all_reduce_sum(torch.tensor(count, device=device)).item())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages gradients over ranks: scaling by world makes them those of the global mean
+            (loss_sum * world / max(total, 1)).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            loss = distributed.all_reduce_sum(loss_sum.detach()).item() / max(total, 1)
             step += 1
             position += config.batch_size
-            tokens_seen += int(real.sum())
-            window_tokens += int(real.sum())
+            tokens_seen += batch_tokens
+            window_tokens += batch_tokens
             advance(1)
-            if step % config.log_every == 0 or step == total_steps:
+            if metrics is not None and (step % config.log_every == 0 or step == total_steps):
                 elapsed = time.time() - window_start
-                metrics.write(json.dumps({"step": step, "loss": round(loss.item(), 6), "lr": lr,
+                metrics.write(json.dumps({"step": step, "loss": round(loss, 6), "lr": lr,
                                           "grad_norm": round(float(grad_norm), 6), "tokens": tokens_seen,
                                           "tokens_per_second": round(window_tokens / max(elapsed, 1e-9), 1)}) + "\n")
                 metrics.flush()
                 window_start, window_tokens = time.time(), 0
             if step % config.save_every == 0 or step == total_steps:
-                _save_checkpoint(output, step, position, tokens_seen, model, optimizer, tokenizer,
-                                 config.keep_checkpoints)
+                if rank == 0:
+                    _save_checkpoint(output, step, position, tokens_seen, model, optimizer, tokenizer,
+                                     config.keep_checkpoints)
+                distributed.barrier()
+    if metrics is not None:
+        metrics.close()
+    if rank != 0:
+        distributed.finish()
+        return {}  # rank 0 writes the model and the manifest
     final = output / "final"
     if final.exists():
         shutil.rmtree(final)
@@ -274,6 +303,7 @@ def train(config: TrainConfig, log=print) -> dict:
                             steps=total_steps, tokens=tokens_seen, final_loss=curve[-1]["loss"] if curve else None,
                             wall_seconds=round(time.time() - started, 2))
     write_json_atomic(output / "manifest.json", manifest)
+    distributed.finish()
     return manifest
 
 
