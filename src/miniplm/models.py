@@ -13,10 +13,18 @@ from miniplm.tokenizer import require_module, resolve_source
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def quiet_transformers() -> None:
+    """miniplm draws its own progress bars; transformers' per-load and per-save bars only add noise."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def load_causal_lm(spec: str, trust_remote_code: bool = False, device: str | torch.device = "cpu"):
     """An fp32 `AutoModelForCausalLM` in eval mode (autocast, not the weights, sets compute precision)."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     source, gguf_file = resolve_source(spec)
     kwargs = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
     if gguf_file is not None:

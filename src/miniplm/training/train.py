@@ -30,7 +30,7 @@ from miniplm import distributed
 from miniplm.config import ConfigError, config_hash, option, to_dict
 from miniplm.data.shards import PackedCorpus, PackedSplit
 from miniplm.manifest import manifest_key, new_manifest, read_manifest, write_json_atomic
-from miniplm.models import resolve_precision
+from miniplm.models import quiet_transformers, resolve_precision
 from miniplm.progress import progress
 from miniplm.training.presets import FAMILIES, PRESETS, SIZES, build_config
 
@@ -175,6 +175,7 @@ def _latest_checkpoint(output: Path) -> Path | None:
 
 def train(config: TrainConfig, log=print) -> dict:
     started = time.time()
+    quiet_transformers()
     if config.threads:
         torch.set_num_threads(config.threads)
     corpus = PackedCorpus(config.corpus)
