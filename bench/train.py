@@ -81,7 +81,8 @@ def trainer_speed(args, out: Path) -> float:
         max_grad_norm=1.0, warmup_steps=2, lr_scheduler_type="cosine", logging_steps=10**9, save_strategy="no",
         report_to=[], use_cpu=not torch.cuda.is_available(), bf16=args.precision != "fp32",
         dataloader_num_workers=0, seed=10, disable_tqdm=True)
-    trainer = Trainer(model=model, args=arguments, train_dataset=Instances(), data_collator=collate)
+    trainer = Trainer(model=model, args=arguments, train_dataset=Instances(), data_collator=collate,
+                      callbacks=[clock])
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(len(split)))  # stored order
     trainer.train()
     lengths = split.table.column("n_tokens").to_numpy()

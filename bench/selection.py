@@ -1,7 +1,7 @@
 """Exact top-alpha selection on synthetic score streams: time and peak memory against the stream length.
 
-    .venv/bin/python bench/select.py                 # 1e6, 1e7, 1e8 scores
-    .venv/bin/python bench/select.py --sizes 1e6 1e7
+    .venv/bin/python bench/selection.py                 # 1e6, 1e7, 1e8 scores
+    .venv/bin/python bench/selection.py --sizes 1e6 1e7
 
 Each size runs in a fresh process (so peak RSS is that size's own) and streams chunks of 2^20 scores
 generated from a seed, as the selection streams joined score arrays from disk: nothing of size N is held
@@ -11,19 +11,14 @@ checked against a full in-memory sort.
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import resource
+import subprocess
 import sys
+import time
 
-# this file is named select.py: keep its folder off sys.path so `import select` finds the standard library
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 CHUNK = 1 << 20
 
