@@ -191,6 +191,14 @@ def list_item_type(tp: Any) -> Any | None:
     return None
 
 
+def require_at_least_one(config: Any, *keys: str) -> None:
+    """Refuse a count-like option below 1 (None, where allowed, means 'no limit' and passes)."""
+    for key in keys:
+        value = getattr(config, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+
+
 def iter_leaf_fields(cls: type, prefix: str = ""):
     """(dotted name, annotation, default, help) for every option of a config, nested dataclasses flattened."""
     hints = _field_types(cls)

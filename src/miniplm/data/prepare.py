@@ -21,7 +21,7 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from miniplm.config import ConfigError, config_hash, option, to_dict
+from miniplm.config import ConfigError, config_hash, option, require_at_least_one, to_dict
 from miniplm.data import default_corpus
 from miniplm.data.packing import BoundaryTable, Packer
 from miniplm.data.readers import (
@@ -117,10 +117,8 @@ class PrepareConfig:
                 raise ConfigError(f"splits.{name}.fraction: must be in [0, 1), got {spec.fraction}")
         if sum(s.fraction for s in self.splits.values()) >= 1:
             raise ConfigError("splits: the fractions add up to 1 or more, leaving nothing for train")
-        for key in ("max_chunks_per_document", "max_documents_per_domain", "shard_tokens", "batch_documents"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {value}")
+        require_at_least_one(self, "max_chunks_per_document", "max_documents_per_domain", "shard_tokens",
+                             "batch_documents")
 
 
 def split_point(seed: int, doc_id: str) -> float:

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from miniplm.config import ConfigError, config_hash, option, to_dict
+from miniplm.config import ConfigError, config_hash, option, require_at_least_one, to_dict
 from miniplm.data.shards import PackedCorpus, PackedSplit, atomic_write
 from miniplm.manifest import (
     is_up_to_date,
@@ -73,10 +73,8 @@ class ScoreConfig:
                   "ray_actors", "progress", "device", "trust_remote_code")
 
     def validate(self) -> None:
-        for key in ("batch_tokens", "head_chunk_tokens", "part_tokens", "max_instances", "threads", "ray_actors"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {value}")
+        require_at_least_one(self, "batch_tokens", "head_chunk_tokens", "part_tokens", "max_instances", "threads",
+                             "ray_actors")
 
 
 @dataclass

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from miniplm.config import ConfigError, config_hash, option, to_dict
+from miniplm.config import ConfigError, config_hash, option, require_at_least_one, to_dict
 from miniplm.data.shards import PackedCorpus
 from miniplm.manifest import (
     is_up_to_date,
@@ -81,8 +81,7 @@ class SelectConfig:
     def validate(self) -> None:
         if not 0 < self.alpha <= 1:
             raise ConfigError(f"alpha: must be in (0, 1], got {self.alpha}")
-        if self.max_instances is not None and self.max_instances < 1:
-            raise ConfigError(f"max_instances: must be at least 1, got {self.max_instances}")
+        require_at_least_one(self, "max_instances")
         if self.budget_tokens is not None and self.budget_tokens < 1:
             raise ConfigError(f"budget_tokens: must be a positive number of tokens, got {self.budget_tokens}")
         if self.temperature is not None and not self.temperature > 0:

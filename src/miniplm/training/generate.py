@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from miniplm.config import ConfigError, config_hash, option, to_dict
+from miniplm.config import ConfigError, config_hash, option, require_at_least_one, to_dict
 from miniplm.data.packing import Instance
 from miniplm.data.shards import PackedCorpus, ShardWriter, atomic_write, token_dtype
 from miniplm.manifest import (
@@ -63,10 +63,7 @@ class GenerateConfig:
             raise ConfigError(f"prompt_min/prompt_max: need 1 <= {self.prompt_min} <= {self.prompt_max}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature: must be positive, got {self.temperature}")
-        for key in ("batch_size", "part_instances", "max_instances", "threads"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {value}")
+        require_at_least_one(self, "batch_size", "part_instances", "max_instances", "threads")
 
 
 def prompt_lengths(config: GenerateConfig, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:

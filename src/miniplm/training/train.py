@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from miniplm import distributed
-from miniplm.config import ConfigError, config_hash, option, to_dict
+from miniplm.config import ConfigError, config_hash, option, require_at_least_one, to_dict
 from miniplm.data.shards import PackedCorpus, PackedSplit
 from miniplm.manifest import manifest_key, new_manifest, read_manifest, write_json_atomic
 from miniplm.models import quiet_transformers, resolve_precision
@@ -72,13 +72,8 @@ class TrainConfig:
     NOT_HASHED = ("output", "save_every", "keep_checkpoints", "log_every", "threads", "progress")
 
     def validate(self) -> None:
-        for key in ("batch_size", "save_every", "log_every", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
-        for key in ("max_steps", "max_tokens"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {value}")
+        require_at_least_one(self, "batch_size", "save_every", "log_every", "keep_checkpoints", "max_steps",
+                             "max_tokens")
         if self.epochs <= 0:
             raise ConfigError(f"epochs: must be positive, got {self.epochs}")
         if not 0 <= self.kd_lambda <= 1:
