@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import sys
 from typing import Any
 
 import yaml
 
-from miniplm import __version__
+from miniplm import __version__, distributed
 from miniplm.config import (
     ConfigError,
     coerce,
@@ -130,7 +129,7 @@ def _run_score(config, args) -> int:
     from miniplm.scoring.run import score
 
     manifest = score(config, force=args.force)
-    if manifest is not None and int(os.environ.get("RANK", "0")) == 0:
+    if manifest is not None and distributed.rank_world()[0] == 0:
         print(f"scored {manifest['instances']:,} instances ({manifest['tokens_scored']:,} positions) of "
               f"{config.corpus}/{config.split} with {config.model} into {config.output} "
               f"in {manifest['wall_seconds']:.1f} s")

@@ -20,7 +20,7 @@ def init(device: torch.device) -> bool:
     if rank_world()[1] <= 1 or dist.is_initialized():
         return dist.is_initialized()
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index if device.index is not None else rank_world()[2])
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return True
 

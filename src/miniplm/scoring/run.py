@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from miniplm import distributed
 from miniplm.config import ConfigError, config_hash, option, require_at_least_one, to_dict
 from miniplm.data.shards import PackedCorpus, PackedSplit, atomic_write
 from miniplm.manifest import (
@@ -170,16 +171,10 @@ def read_scores(output: str | Path) -> pa.Table:
     return table.sort_by("instance_id")
 
 
-def _distributed():
-    """(rank, world_size, local_rank) under torchrun, else (0, 1, 0)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def score(config: ScoreConfig, force: bool = False, log=print) -> dict:
     """Run (or resume, or skip) a scoring run and return its manifest."""
     started = time.time()
-    rank, world, local_rank = _distributed()
+    rank, world, local_rank = distributed.rank_world()
     corpus = PackedCorpus(config.corpus)
     split = corpus.split(config.split)
     table = split.table
@@ -196,10 +191,10 @@ def score(config: ScoreConfig, force: bool = False, log=print) -> dict:
         return read_manifest(output)
     job = ScoreJob(config, output, lengths, instance_ids, plan_parts(lengths, config.part_tokens))
 
-    group = _init_process_group(world, config, local_rank)
+    distributed.init(_device(config, local_rank))
     if rank == 0:
         open_resumable(output, key, len(job.parts), "score", force, log, instances=int(len(lengths)))
-    _barrier(group)
+    distributed.barrier()
 
     scorer, model, context = build_scorer(config, corpus, local_rank, log if rank == 0 else (lambda m: None))
     longest = int(lengths.max()) if len(lengths) else 0
@@ -216,7 +211,7 @@ def score(config: ScoreConfig, force: bool = False, log=print) -> dict:
     else:
         mine = [p for p in todo if p % world == rank]
         _run_local(scorer, split, job, mine, show=config.progress and rank == 0)
-    _barrier(group)
+    distributed.barrier()
     scoring_seconds = time.time() - scoring_started
     tokens_this_run = int(sum(lengths[job.parts[p]].sum() for p in todo))
 
@@ -252,11 +247,8 @@ def score(config: ScoreConfig, force: bool = False, log=print) -> dict:
             wall_seconds=round(time.time() - started, 2),
         )
         write_json_atomic(output / "manifest.json", manifest)
-    _barrier(group)
-    if group is not None:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    distributed.barrier()
+    distributed.finish()
     return manifest if manifest is not None else read_manifest(output)
 
 
@@ -276,26 +268,6 @@ def _run_local(scorer, split: PackedSplit, job: ScoreJob, parts: list[int], show
         for part in parts:
             write_part(job, part, score_part(scorer, split, job, part))
             advance(int(job.lengths[job.parts[part]].sum()))
-
-
-def _init_process_group(world: int, config: ScoreConfig, local_rank: int):
-    if world <= 1:
-        return None
-    import torch
-    import torch.distributed as dist
-
-    use_nccl = _device(config, local_rank).type == "cuda"
-    if use_nccl:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_nccl else "gloo")
-    return dist.group.WORLD
-
-
-def _barrier(group) -> None:
-    if group is not None:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 class _RayPartScorer:
