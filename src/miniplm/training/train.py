@@ -112,17 +112,23 @@ def masked_loss(logits: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor, 
                 teacher_logits: torch.Tensor | None = None, kd_lambda: float = 0.0, temperature: float = 1.0):
     """(sum, count) of the per-position loss over positions whose input is real and not EOS/pad, in fp32:
     next-token cross-entropy, mixed with the KD term CE(softmax(teacher / T), log_softmax(student / T))
-    when teacher logits are given. Sums, not means, so that ranks can share one global mean."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    keep = real[:, 1:] & ~torch.isin(inputs, masked_ids)
-    student = logits[:, :-1][keep].float()
-    loss = torch.nn.functional.cross_entropy(student, targets[keep], reduction="sum")
+    when teacher logits are given. Sums, not means, so that ranks can share one global mean; both are
+    tensors, so that no step waits on the device.
+
+    Masked positions get the label -100 (ignored) rather than being gathered out: the logits are used in
+    place, with no [positions, vocab] copy of the kept rows and no scatter back in the backward pass."""
+    keep = real[:, 1:] & ~torch.isin(tokens[:, :-1], masked_ids)
+    labels = torch.where(keep, tokens[:, 1:], -100)
+    labels = torch.cat([labels, labels.new_full((len(labels), 1), -100)], dim=1)  # the last position predicts nothing
+    student = logits.float().flatten(0, 1)
+    loss = torch.nn.functional.cross_entropy(student, labels.flatten(), ignore_index=-100, reduction="sum")
     if teacher_logits is not None and kd_lambda > 0:
-        teacher = teacher_logits[:, :-1][keep].float()[:, : student.shape[-1]]
+        weight = (labels.flatten() != -100).float()
+        teacher = teacher_logits.float().flatten(0, 1)[:, : student.shape[-1]]
         soft = torch.softmax(teacher / temperature, dim=-1)
-        kd = -(soft * torch.log_softmax(student / temperature, dim=-1)).sum()
+        kd = -((soft * torch.log_softmax(student / temperature, dim=-1)).sum(-1) * weight).sum()
         loss = (1 - kd_lambda) * loss + kd_lambda * kd
-    return loss, int(keep.sum())
+    return loss, keep.sum()
 
 
 def _total_steps(config: TrainConfig, split: PackedSplit) -> int:
@@ -216,7 +222,7 @@ def train(config: TrainConfig, log=print) -> dict:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=peak_lr, betas=(config.beta1, config.beta2), eps=config.eps)
+                                  lr=peak_lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True)
     step, position, tokens_seen = 0, 0, 0
     checkpoint = _latest_checkpoint(output)
     if checkpoint is not None:
@@ -259,13 +265,13 @@ def train(config: TrainConfig, log=print) -> dict:
                         teacher_logits = teacher(input_ids=tokens, use_cache=False).logits
             loss_sum, count = masked_loss(logits, tokens, real, masked_ids, teacher_logits, config.kd_lambda,
                                           config.kd_temperature)
-            total = int(distributed.all_reduce_sum(torch.tensor(count, device=device)).item())
+            total = distributed.all_reduce_sum(count).clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             # DDP averages gradients over ranks: scaling by world makes them those of the global mean
-            (loss_sum * world / max(total, 1)).backward()
+            (loss_sum * world / total).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            loss = distributed.all_reduce_sum(loss_sum.detach()).item() / max(total, 1)
+            loss = distributed.all_reduce_sum(loss_sum.detach()) / total  # read (a device sync) only when logged
             step += 1
             position += config.batch_size
             tokens_seen += batch_tokens
@@ -273,7 +279,7 @@ def train(config: TrainConfig, log=print) -> dict:
             advance(1)
             if metrics is not None and (step % config.log_every == 0 or step == total_steps):
                 elapsed = time.time() - window_start
-                metrics.write(json.dumps({"step": step, "loss": round(loss, 6), "lr": lr,
+                metrics.write(json.dumps({"step": step, "loss": round(loss.item(), 6), "lr": lr,
                                           "grad_norm": round(float(grad_norm), 6), "tokens": tokens_seen,
                                           "tokens_per_second": round(window_tokens / max(elapsed, 1e-9), 1)}) + "\n")
                 metrics.flush()
