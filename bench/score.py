@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flops import forward_flops_per_token, linear_shapes, mfu_line
 
 from miniplm.data.shards import PackedCorpus
 from miniplm.models import load_causal_lm, resolve_precision
@@ -83,28 +84,18 @@ def miniplm(scorer, instances, batch_tokens):
             scorer.score([instances[i] for i in batch])
 
 
-def matmul_bound(model, dtype, device, tokens: int, mean_context: float) -> tuple[float, float]:
-    """(measured matmul FLOP/s at the model's linear shapes, forward FLOPs per token)."""
-    shapes: dict[tuple[int, int], int] = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            shape = (module.in_features, module.out_features)
-            shapes[shape] = shapes.get(shape, 0) + 1
-    flops_per_token = sum(2 * i * o * n for (i, o), n in shapes.items())
-    config = model.config
-    layers = getattr(config, "num_hidden_layers", 0)
-    hidden = getattr(config, "hidden_size", 0)
-    flops_per_token += 4 * layers * hidden * mean_context / 2  # causal attention scores and values, on average
+def matmul_bound(model, dtype, device, tokens: int) -> float:
+    """Measured matmul FLOP/s at the model's linear-layer shapes, each weighted by how often it occurs."""
     mm_dtype = dtype or torch.float32
     total_flops = total_time = 0.0
-    for (i, o), n in shapes.items():
+    for (i, o), n in linear_shapes(model).items():
         a = torch.randn(tokens, i, dtype=mm_dtype, device=device)
         b = torch.randn(i, o, dtype=mm_dtype, device=device)
         a @ b  # warm-up
         seconds = timed(lambda a=a, b=b: [a @ b for _ in range(3)]) / 3
         total_flops += 2 * tokens * i * o * n
         total_time += seconds * n
-    return total_flops / total_time, flops_per_token
+    return total_flops / total_time
 
 
 def main() -> None:
@@ -117,6 +108,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-tokens", type=int, default=16384)
     parser.add_argument("--skip-naive", action="store_true", help="leave out (i), the slowest")
+    parser.add_argument("--compile", action="store_true",
+                        help="miniplm with a torch.compile'd backbone (dynamic shapes; compiled during the warm-up)")
     args = parser.parse_args()
 
     if args.threads:
@@ -132,7 +125,9 @@ def main() -> None:
     dtype = resolve_precision(args.precision, device)
     scorer = LogProbScorer(model, {corpus.eos_id}, dtype, log=lambda m: None)
 
-    miniplm(scorer, instances[:2], args.batch_tokens)  # warm-up
+    if args.compile:
+        scorer.backbone = torch.compile(scorer.backbone, dynamic=True)
+    miniplm(scorer, instances[: 64 if args.compile else 2], args.batch_tokens)  # warm-up (and compilation)
     results = {}
     if not args.skip_naive:
         results["(i) naive, one document per forward, fp32 (plain usage)"] = timed(
@@ -142,12 +137,13 @@ def main() -> None:
                 lambda: naive(model, instances, corpus.eos_id, dtype, device))
     results["(ii) padded batch of 16, full logits"] = timed(
         lambda: padded(model, instances, corpus.eos_id, dtype, device))
-    results["(iii) miniplm"] = timed(lambda: miniplm(scorer, instances, args.batch_tokens))
-    flops, per_token = matmul_bound(model, dtype, device, tokens=min(args.batch_tokens, 4096),
-                                    mean_context=float(np.mean([len(x) for x in instances])))
+    label = "(iii) miniplm" + (", compiled backbone" if args.compile else "")
+    results[label] = timed(lambda: miniplm(scorer, instances, args.batch_tokens))
+    flops = matmul_bound(model, dtype, device, tokens=min(args.batch_tokens, 4096))
+    per_token = forward_flops_per_token(model, mean_context=float(np.mean([len(x) for x in instances])))
     bound = flops / per_token
     speed = {k: tokens / v for k, v in results.items()}
-    ours = speed["(iii) miniplm"]
+    ours = list(speed.values())[-1]
 
     n_docs = len(documents(instances, corpus.eos_id))
     print(f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M), "
@@ -159,13 +155,9 @@ def main() -> None:
         print(f"| {name} | {value:,.0f} | {ours / value:.2f}x |")
     print(f"| matmul bound ({flops / 1e9:,.0f} GFLOP/s at the model's shapes, {per_token / 1e6:.0f} MFLOP/token) | "
           f"{bound:,.0f} | miniplm at {ours / bound:.0%} of it |")
-    if device.type == "cuda":
-        peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-        name = torch.cuda.get_device_name()
-        for key, value in peak.items():
-            if key in name:
-                print(f"MFU (bf16 dense peak {value / 1e12:.0f} TFLOP/s): {ours * per_token / value:.1%}")
-
+    line = mfu_line(ours * per_token)
+    if line:
+        print(line)
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from flops import forward_flops_per_token, mfu_line
 
 from miniplm.config import load_config
 from miniplm.data.shards import PackedCorpus
@@ -109,6 +110,16 @@ def main() -> None:
     print(f"| miniplm train | {ours:,.0f} |")
     print(f"| HF Trainer | {theirs:,.0f} |")
     print(f"| ratio | {ours / theirs:.2f}x |")
+    corpus = PackedCorpus(args.corpus)
+    model = _build_model(load_config(TrainConfig, None, {"corpus": args.corpus, "model": args.model}), corpus,
+                         corpus.load_tokenizer())
+    lengths = corpus.split("train").table.column("n_tokens").to_numpy()[: args.steps * args.batch_size]
+    per_token = 3 * forward_flops_per_token(model, mean_context=float(lengths.mean()))  # forward + backward
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {per_token / 1e9:.2f} GFLOP per "
+          f"training token")
+    line = mfu_line(ours * per_token)
+    if line:
+        print(line)
 
 
 if __name__ == "__main__":
