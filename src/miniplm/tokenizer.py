@@ -103,6 +103,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def require_module(module: str, purpose: str) -> None:
+def require_module(module: str, purpose: str, install: str | None = None) -> None:
     if importlib.util.find_spec(module) is None:
-        raise ImportError(f"{purpose} needs the '{module}' package: pip install {module}")
+        raise ImportError(f"{purpose} needs the '{module}' package: {install or 'pip install ' + module}")

@@ -151,7 +151,9 @@ def generate(config: GenerateConfig, force: bool = False, log=print) -> dict:
         format_version=FORMAT_VERSION, max_len=max_len,
         tokenizer={**corpus.manifest["tokenizer"], "path": "tokenizer"},
         source={"corpus": str(corpus.path), "key": corpus.key, "split": config.split, "model": config.model},
-        splits={"train": summary}, generated_tokens=generated, wall_seconds=round(time.time() - started, 2),
+        splits={"train": summary}, generated_tokens=generated,
+        model={"spec": config.model, "parameters": sum(p.numel() for p in model.parameters())},
+        wall_seconds=round(time.time() - started, 2),
     )
     write_json_atomic(output / "manifest.json", manifest)
     return manifest

@@ -67,13 +67,21 @@ class TrainConfig:
     kd_lambda: float = option(0.5, "KD loss = (1 - lambda) * CE + lambda * CE(teacher probs, student log-probs)")
     kd_temperature: float = option(1.0, "softmax temperature of both distributions in the KD term")
     match_flops: bool = option(False, "KD: cut the steps to T * 3Ns / (3Ns + Nt), the paper's equal-FLOPs rule")
+    eval_every: int = option(0, "held-out loss every N steps and at the end, into eval.jsonl with tokens and "
+                             "FLOPs: the points of a scaling curve (0: never)")
+    eval_corpus: str | None = option(None, "corpus holding eval_split (null: the training corpus; a corpus in "
+                                     "another tokenizer is re-tokenized for the model)")
+    eval_split: str = option("heldout_hq", "the corpus split evaluated by eval_every")
+    eval_max_instances: int | None = option(256, "evaluate the first N instances of eval_split (null: all)")
     progress: bool = option(True, "show a progress bar")
 
     NOT_HASHED = ("output", "save_every", "keep_checkpoints", "log_every", "threads", "progress")
 
     def validate(self) -> None:
         require_at_least_one(self, "batch_size", "save_every", "log_every", "keep_checkpoints", "max_steps",
-                             "max_tokens")
+                             "max_tokens", "eval_max_instances")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every: must be 0 (never) or positive, got {self.eval_every}")
         if self.epochs <= 0:
             raise ConfigError(f"epochs: must be positive, got {self.epochs}")
         if not 0 <= self.kd_lambda <= 1:
@@ -211,8 +219,8 @@ def train(config: TrainConfig, log=print) -> dict:
     total_steps = _total_steps(config, split)
     n_params = sum(p.numel() for p in model.parameters())
     teacher = _load_teacher(config, corpus, tokenizer, device) if config.kd == "vanilla" else None
+    n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
     if teacher is not None and config.match_flops:
-        n_teacher = sum(p.numel() for p in teacher.parameters())
         full = total_steps
         total_steps = max(1, math.floor(full * 3 * n_params / (3 * n_params + n_teacher)))
         log(f"train: --match-flops: {full} steps -> {total_steps} (student {n_params / 1e6:.1f}M, teacher "
@@ -228,8 +236,15 @@ def train(config: TrainConfig, log=print) -> dict:
     if checkpoint is not None:
         step, position, tokens_seen = _load_checkpoint(checkpoint, model, optimizer, device)
         log(f"train: resuming {output} from step {step}")
+    heldout = None
+    if config.eval_every and rank == 0:
+        from miniplm.evaluation.loss import HeldOut
+
+        eval_corpus = PackedCorpus(config.eval_corpus) if config.eval_corpus else corpus
+        heldout = HeldOut(eval_corpus, config.eval_split, config.eval_max_instances)
     if rank == 0:
-        _truncate_metrics(output / "metrics.jsonl", step)
+        _truncate_log(output / "metrics.jsonl", step)
+        _truncate_log(output / "eval.jsonl", step)
     distributed.barrier()
     ddp_model = model
     if world > 1:
@@ -284,6 +299,9 @@ def train(config: TrainConfig, log=print) -> dict:
                                           "tokens_per_second": round(window_tokens / max(elapsed, 1e-9), 1)}) + "\n")
                 metrics.flush()
                 window_start, window_tokens = time.time(), 0
+            if heldout is not None and (step % config.eval_every == 0 or step == total_steps):
+                _log_eval(output / "eval.jsonl", model, tokenizer, heldout, config.precision, step, tokens_seen,
+                          n_params, n_teacher)
             if step % config.save_every == 0 or step == total_steps:
                 if rank == 0:
                     _save_checkpoint(output, step, position, tokens_seen, model, optimizer, tokenizer,
@@ -302,6 +320,7 @@ def train(config: TrainConfig, log=print) -> dict:
     manifest = new_manifest("train", key, to_dict(config), config_hash=cfg_hash, format_version=FORMAT_VERSION,
                             status="done", corpus={"path": str(corpus.path), "key": corpus.key, "split": config.split},
                             model={"class": type(model).__name__, "parameters": n_params, "final": "final"},
+                            teacher={"spec": config.teacher, "parameters": n_teacher} if teacher is not None else None,
                             steps=total_steps, tokens=tokens_seen, final_loss=curve[-1]["loss"] if curve else None,
                             wall_seconds=round(time.time() - started, 2))
     write_json_atomic(output / "manifest.json", manifest)
@@ -348,7 +367,19 @@ def _load_checkpoint(path: Path, model, optimizer, device) -> tuple[int, int, in
     return int(state["step"]), int(state["position"]), int(state["tokens"])
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def _log_eval(path: Path, model, tokenizer, heldout, precision: str, step: int, tokens: int, n_params: int,
+              n_teacher: int) -> None:
+    from miniplm.evaluation.loss import heldout_loss, training_flops
+
+    result = heldout_loss(model, tokenizer, heldout, precision)
+    row = {"step": step, "tokens": tokens, "flops": training_flops(n_params, tokens, n_teacher),
+           "loss_per_token": round(result["loss_per_token"], 6),
+           "loss_per_instance": round(result["loss_per_instance"], 6)}
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
     """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
     if not path.is_file():
         return

@@ -1,0 +1,169 @@
+"""`miniplm eval loss`: held-out LM loss of a model, or of every checkpoint of a training run.
+
+Two means, as the paper reports: per token (sum of losses / scored positions) and per instance (the mean of
+each instance's per-token loss). Positions are scored exactly as `miniplm score` scores them (input EOS/pad
+masked), through the same LogProbScorer. A model whose tokenizer differs from the corpus's (a student of
+another family) is evaluated on the held-out instances re-tokenized for it, one instance to one instance, as
+`miniplm export --tokenizer` does; its loss is per *its* tokens, comparable within a family only.
+
+Compute per point: training FLOPs = 6 * N * D (N: the model's parameters, D: training tokens), plus
+2 * N_teacher * D for online Vanilla KD (the teacher's forward), as the paper counts them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from miniplm.config import option, require_at_least_one
+from miniplm.data.shards import PackedCorpus, PackedSplit
+from miniplm.manifest import write_json_atomic
+from miniplm.progress import progress
+
+
+@dataclass
+class EvalLossConfig:
+    model: str = option("out/train", "a model directory, or a `miniplm train` run directory (evaluates every "
+                        "kept checkpoint and final/)")
+    corpus: str = option("out/corpus", "a `miniplm prepare` output holding the held-out split")
+    split: str = option("heldout_hq", "split to evaluate (heldout_hq stands in for the paper's DCLM set)")
+    max_instances: int | None = option(None, "evaluate only the first N instances of the split (null: all)")
+    batch_tokens: int = option(16384, "padded tokens per forward")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "autocast dtype")
+    output: str | None = option(None, "write the results as JSON here (null: <run>/eval_loss.json for a run, "
+                                "else print only)")
+    threads: int | None = option(None, "torch CPU threads (null: torch's default)")
+    progress: bool = option(True, "show a progress bar")
+
+    def validate(self) -> None:
+        require_at_least_one(self, "batch_tokens", "max_instances")
+
+
+class HeldOut:
+    """The instances of a held-out split as token arrays in one model's tokenizer (re-tokenized if needed)."""
+
+    def __init__(self, corpus: PackedCorpus, split: str, max_instances: int | None = None):
+        self.corpus = corpus
+        self.split: PackedSplit = corpus.split(split)
+        n = len(self.split) if max_instances is None else min(max_instances, len(self.split))
+        if n == 0:
+            raise ValueError(f"{corpus.path}/{split} has no instances to evaluate")
+        self.instances = [self.split[i] for i in range(n)]
+        self._tokenizer = None
+        self._cache: dict[str, tuple[list[np.ndarray], int]] = {}
+
+    def for_tokenizer(self, tokenizer) -> tuple[list[np.ndarray], int]:
+        """(instances, EOS id) in `tokenizer`'s ids: the stored ones when the vocabularies agree."""
+        from miniplm.export import Retokenizer
+        from miniplm.scoring.run import vocab_fingerprint
+
+        if self._tokenizer is None:
+            self._tokenizer = self.corpus.load_tokenizer()
+        key = vocab_fingerprint(tokenizer)
+        if key not in self._cache:
+            if key == vocab_fingerprint(self._tokenizer):
+                self._cache[key] = (self.instances, self.corpus.eos_id)
+            else:
+                max_len = self.corpus.manifest["max_len"]
+                retokenize = Retokenizer(self._tokenizer, self.corpus.eos_id, tokenizer, max_len, "auto")
+                self._cache[key] = ([retokenize(x) for x in self.instances], int(tokenizer.eos_token_id))
+        return self._cache[key]
+
+
+def heldout_loss(model, tokenizer, heldout: HeldOut, precision: str = "auto", batch_tokens: int = 16384,
+                 show_progress: bool = False) -> dict:
+    """Mean held-out loss of `model` (per token and per instance), in nats."""
+    from miniplm.models import resolve_precision
+    from miniplm.scoring.plan import plan_batches, plan_parts
+    from miniplm.scoring.scorer import LogProbScorer
+
+    instances, eos = heldout.for_tokenizer(tokenizer)
+    masked = {eos} | ({int(tokenizer.pad_token_id)} if tokenizer.pad_token_id is not None else set())
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scorer = LogProbScorer(model, masked, resolve_precision(precision, device),
+                           4096 if device.type == "cuda" else 256, log=lambda m: None)
+    lengths = np.array([len(x) for x in instances])
+    sums = np.zeros(len(instances))
+    counts = np.zeros(len(instances), dtype=np.int64)
+    with progress(show_progress, int(lengths.sum()), "eval loss", unit="tok") as advance:
+        for part in plan_parts(lengths, 1 << 62):
+            for batch in plan_batches(part, lengths, batch_tokens):
+                sums[batch], counts[batch] = scorer.score([instances[i] for i in batch])
+                advance(int(lengths[batch].sum()))
+    model.train(was_training)
+    scored = counts > 0
+    return {"loss_per_token": float(-sums.sum() / max(counts.sum(), 1)),
+            "loss_per_instance": float(np.mean(-sums[scored] / counts[scored])) if scored.any() else float("nan"),
+            "instances": int(len(instances)), "tokens": int(counts.sum())}
+
+
+def training_flops(parameters: int, tokens: int, teacher_parameters: int = 0) -> float:
+    """6 N D for the student's forward and backward, plus 2 N_teacher D for an online teacher's forward."""
+    return 6.0 * parameters * tokens + 2.0 * teacher_parameters * tokens
+
+
+def _checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every kept checkpoint of a training run, oldest first (final/ when none is kept:
+    it is a copy of the last)."""
+    points = [(int(p.name.split("-")[1]), p) for p in sorted((run / "checkpoints").glob("step-*[0-9]"))]
+    manifest = run / "manifest.json"
+    if not points and (run / "final").is_dir() and manifest.is_file():
+        points = [(int(json.loads(manifest.read_text())["steps"]), run / "final")]
+    return points
+
+
+def evaluate_loss(config: EvalLossConfig, log=print) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from miniplm.models import quiet_transformers
+
+    quiet_transformers()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    target = Path(config.model)
+    if not target.is_dir():
+        raise FileNotFoundError(f"model: {target} is not a directory (a model directory or a `miniplm train` run)")
+    is_run = (target / "run.json").is_file()
+    points = _checkpoints(target) if is_run else [(None, target)]
+    if not points:
+        raise ValueError(f"{target} holds no checkpoints yet; train it first")
+    heldout = HeldOut(PackedCorpus(config.corpus), config.split, config.max_instances)
+    curve = {}
+    if is_run:
+        curve = {row["step"]: row for row in map(json.loads, (target / "metrics.jsonl").read_text().splitlines())}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for step, directory in points:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(directory if (directory / "tokenizer_config.json").is_file()
+                                                  else heldout.corpus.path / "tokenizer")
+        row = {"checkpoint": str(directory), "step": step}
+        row.update(heldout_loss(model, tokenizer, heldout, config.precision, config.batch_tokens, config.progress))
+        if is_run:
+            tokens = curve.get(step, {}).get("tokens")
+            teacher = _teacher_parameters(target)
+            params = sum(p.numel() for p in model.parameters())
+            row.update(tokens=tokens, parameters=params,
+                       flops=training_flops(params, tokens, teacher) if tokens is not None else None)
+        log(f"eval loss: {directory}: {row['loss_per_token']:.4f} per token, {row['loss_per_instance']:.4f} per "
+            f"instance ({row['tokens']:,} positions of {config.corpus}/{config.split})")
+        rows.append(row)
+    result = {"corpus": config.corpus, "split": config.split, "points": rows}
+    output = config.output or (str(target / "eval_loss.json") if is_run else None)
+    if output:
+        write_json_atomic(Path(output), result)
+    return result
+
+
+def _teacher_parameters(run: Path) -> int:
+    """The online teacher's parameter count of a Vanilla KD run (0 otherwise), from its manifest."""
+    manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else {}
+    return int((manifest.get("teacher") or {}).get("parameters", 0))
+

@@ -1,0 +1,193 @@
+"""`miniplm report`: one page (markdown and HTML, PNG plots) comparing training runs.
+
+Inputs are stage outputs, read by convention: a training run directory holds `eval.jsonl` (held-out loss
+against training FLOPs, from `train --eval-every`) or `eval_loss.json` (from `miniplm eval loss`), and
+`eval_tasks.json` (from `miniplm eval tasks --output`). Offline costs (scoring, reference training,
+generation) come from the manifests of the directories named in `costs`, and are kept apart from training
+compute, as the paper does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from miniplm.config import ConfigError, option
+from miniplm.manifest import write_json_atomic
+
+
+@dataclass
+class ReportConfig:
+    runs: list[str] = field(default_factory=list, metadata={
+        "help": "training run directories, each as NAME=DIR or DIR (named by its folder)"})
+    baseline: str | None = option(None, "the run compute savings are measured against (null: the first)")
+    selection: str | None = option(None, "a `miniplm select` output whose report is linked in")
+    costs: list[str] = field(default_factory=list, metadata={
+        "help": "offline stage outputs (score, train of the reference, generate) for the cost table"})
+    extrapolate_to: float | None = option(None, "also give each fitted loss at this many FLOPs")
+    title: str = option("MiniPLM report", "page title")
+    output: str = option("out/report", "output directory (report.md, report.html, PNGs, results.json)")
+
+    def validate(self) -> None:
+        if not self.runs:
+            raise ConfigError("runs: name at least one training run directory")
+
+
+def _named(spec: str) -> tuple[str, Path]:
+    name, sep, path = spec.partition("=")
+    return (name, Path(path)) if sep else (Path(spec).name, Path(spec))
+
+
+def _manifest(path: Path) -> dict:
+    file = path / "manifest.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def cost_rows(stage_dirs: list[Path]) -> list[dict]:
+    """Offline compute of each stage: forward passes 2 N D (scoring, generation), training 6 N D."""
+    rows = []
+    for directory in stage_dirs:
+        m = _manifest(directory)
+        stage = m.get("generated_by") or m.get("stage")
+        if stage == "score":
+            n, d = m["model"]["parameters"], m["tokens_scored"]
+            rows.append({"stage": f"score ({m['config']['model']})", "parameters": n, "tokens": d,
+                         "flops": 2 * n * d})
+        elif stage == "train":
+            n, d = m["model"]["parameters"], m["tokens"]
+            rows.append({"stage": f"train {directory.name} ({m['config']['split']})", "parameters": n, "tokens": d,
+                         "flops": 6 * n * d})
+        elif stage == "generate":
+            n = m.get("model", {}).get("parameters", 0)
+            d = m["splits"]["train"]["tokens"]  # prompts are read once, continuations generated one by one
+            rows.append({"stage": f"generate ({m['config']['model']})", "parameters": n, "tokens": d,
+                         "flops": 2 * n * d})
+        else:
+            raise ValueError(f"costs: {directory} is not a score, train or generate output (no such manifest)")
+        rows[-1]["seconds"] = m.get("wall_seconds")
+    return rows
+
+
+def build_report(config: ReportConfig, log=print) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from markdown_it import MarkdownIt
+
+    from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, read_curve
+
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [_named(s) for s in config.runs]
+    names = [n for n, _ in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"runs: two runs share a name ({', '.join(names)}); name them as NAME=DIR")
+    baseline = config.baseline or names[0]
+    if baseline not in names:
+        raise ConfigError(f"baseline: {baseline!r} is not one of the runs ({', '.join(names)})")
+
+    curves, fits, tasks = {}, {}, {}
+    for name, path in runs:
+        if not path.is_dir():
+            raise FileNotFoundError(f"runs: {path} is not a directory")
+        try:
+            curves[name] = read_curve(path)
+        except FileNotFoundError as exc:
+            log(f"report: {exc}")
+        if name in curves and len(curves[name][0]) >= 3:
+            fits[name] = fit_scaling_law(*curves[name])
+        if (path / "eval_tasks.json").is_file():
+            tasks[name] = json.loads((path / "eval_tasks.json").read_text())
+
+    md = [f"# {config.title}", ""]
+    results: dict = {"runs": {}, "baseline": baseline}
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, (name, (c, y)) in enumerate(curves.items()):
+            color = f"C{i}"
+            ax.plot(c, y, "o", color=color, ms=3, label=name)
+            if name in fits:
+                grid = np.geomspace(c.min(), max(c.max(), config.extrapolate_to or 0), 100)
+                ax.plot(grid, fits[name].loss_at(grid), "--", color=color, lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs (6ND; + teacher forward for Vanilla KD)")
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.set_title("loss against compute; dashed: fitted L(C) = A C^-a + L_inf")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "loss_vs_compute.png", dpi=120)
+        plt.close(fig)
+        md += ["## Held-out loss against training compute", "", "![loss vs compute](loss_vs_compute.png)", "",
+               "| run | final FLOPs | final loss | A | alpha | L_inf | fit RMSE | points |"
+               + (" loss at extrapolated C |" if config.extrapolate_to else "")
+               + f" compute saving vs {baseline} |",
+               "|---|---|---|---|---|---|---|---|" + ("---|" if config.extrapolate_to else "") + "---|"]
+        base_fit = fits.get(baseline)
+        target = float(curves[baseline][1][-1]) if baseline in curves else math.nan
+        for name, (c, y) in curves.items():
+            fit = fits.get(name)
+            saving = compute_saving(base_fit, fit, target) if (fit and base_fit and name != baseline) else None
+            row = {"final_flops": float(c[-1]), "final_loss": float(y[-1]), "fit": fit.to_dict() if fit else None,
+                   "compute_saving": saving}
+            cells = [name, f"{c[-1]:.3g}", f"{y[-1]:.4f}"]
+            cells += [f"{fit.A:.4g}", f"{fit.alpha:.4f}", f"{fit.L_inf:.4f}", f"{fit.rmse:.4f}", str(fit.points)] \
+                if fit else ["-"] * 4 + [str(len(c))]
+            if config.extrapolate_to:
+                extrapolated = float(fit.loss_at(config.extrapolate_to)) if fit else None
+                row["loss_at_extrapolation"] = extrapolated
+                cells.append(f"{extrapolated:.4f}" if extrapolated is not None else "-")
+            cells.append("(baseline)" if name == baseline else f"{saving:.2f}x" if saving is not None
+                         and math.isfinite(saving) else "-" if saving is None else str(saving))
+            md.append("| " + " | ".join(cells) + " |")
+            results["runs"][name] = row
+        md += ["", f"Compute saving: how many times less training compute a run needs than {baseline} to reach "
+               f"{baseline}'s final loss ({target:.4f}), both read off the fitted curves.", ""]
+    if tasks:
+        task_names = list(dict.fromkeys(t for r in tasks.values() for t in r["tasks"]))
+        md += ["## Zero-shot tasks (acc_norm where the task has it, else acc)", "",
+               "| run | " + " | ".join(task_names) + " | Avg. |", "|---" * (len(task_names) + 2) + "|"]
+        for name, result in tasks.items():
+            cells = [f"{100 * result['tasks'][t]['value']:.1f}" if t in result["tasks"] else "-" for t in task_names]
+            md.append(f"| {name} | " + " | ".join(cells) + f" | {100 * result['average']:.1f} |")
+            results["runs"].setdefault(name, {})["tasks"] = result
+        limits = {r.get("limit") for r in tasks.values()}
+        md += ["", f"Examples per task: {', '.join('all' if x is None else str(x) for x in limits)}.", ""]
+    if config.selection:
+        selection = Path(config.selection)
+        if not (selection / "report.md").is_file():
+            raise FileNotFoundError(f"selection: {selection} has no report.md (a `miniplm select` output)")
+        target_dir = out / "selection"
+        if target_dir.exists():
+            shutil.rmtree(target_dir)
+        shutil.copytree(selection / "report", target_dir / "report")
+        shutil.copy(selection / "report.md", target_dir / "report.md")
+        m = _manifest(selection)
+        md += ["## Selection", "", f"Selector `{m.get('config', {}).get('selector')}`: kept {m.get('kept', 0):,} of "
+               f"{m.get('instances', 0):,} instances ({m.get('kept_tokens', 0):,} tokens); "
+               "[full selection report](selection/report.md).", "",
+               "![key histogram](selection/report/key_histogram.png)", "",
+               "![domains](selection/report/domains.png)", ""]
+    if config.costs:
+        rows = cost_rows([Path(p) for p in config.costs])
+        md += ["## Offline costs (not in the training compute above)", "",
+               "| stage | parameters | tokens | FLOPs | wall seconds |", "|---|---|---|---|---|"]
+        for r in rows:
+            md.append(f"| {r['stage']} | {r['parameters'] / 1e6:.1f}M | {r['tokens']:,} | {r['flops']:.3g} | "
+                      f"{r['seconds'] if r['seconds'] is not None else '-'} |")
+        results["costs"] = rows
+        md.append("")
+    text = "\n".join(md)
+    (out / "report.md").write_text(text)
+    body = MarkdownIt("commonmark").enable("table").render(text)
+    (out / "report.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{config.title}</title><style>body{{font-family:"
+        "sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+        f"padding:2px 6px}}img{{max-width:100%}}</style></head><body>{body}</body></html>")
+    write_json_atomic(out / "results.json", results)
+    log(f"report: {out / 'report.md'} (and report.html)")
+    return out / "report.md"
