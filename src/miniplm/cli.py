@@ -35,6 +35,7 @@ class Command:
     run: Any  # (config, args) -> int
     summary: str
     description: str
+    default_config: str | None = None  # a YAML file loaded when no --config is given
 
 
 def _format_default(value: Any) -> str:
@@ -94,11 +95,14 @@ def build_config(command: Command, args: argparse.Namespace):
                 value = [v for v, o in zip(value, is_override) if not o]
             overrides[name] = _typed(value, types[name], name)
     for item in trailing:
+        if "=" not in item and item.endswith((".yaml", ".yml")) and args.config is None:
+            args.config = item  # `miniplm run CONFIG.yaml`: a bare YAML file is the config file
+            continue
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         key, value = item.split("=", 1)
         overrides[key] = parse_override_value(value)
-    return load_config(command.config_cls, args.config, overrides)
+    return load_config(command.config_cls, args.config or command.default_config, overrides)
 
 
 def _run_prepare(config, args) -> int:
@@ -194,11 +198,71 @@ def _run_report(config, args) -> int:
     return 0
 
 
+def _print_results(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 120)
+    table = Table(title=f"students (held-out loss per token on the final step; compute saving against "
+                        f"{results['baseline']}'s final loss)")
+    for column in ("student", "model", "data", "KD", "params", "tokens", "held-out loss", "tasks avg",
+                   "compute saving"):
+        table.add_column(column, justify="left" if column in ("student", "model", "data", "KD") else "right")
+    for r in results["students"]:
+        saving = r["compute_saving"]
+        table.add_row(r["student"], r["model"], r["data"], r["kd"], f"{r['parameters'] / 1e6:.1f}M",
+                      f"{r['tokens']:,}", f"{r['heldout_loss']:.4f}" if r["heldout_loss"] is not None else "-",
+                      f"{100 * r['tasks_average']:.1f}" if r["tasks_average"] is not None else "-",
+                      "baseline" if r["student"] == results["baseline"] else
+                      f"{saving:.2f}x" if isinstance(saving, float) and saving == saving else "-")
+    console.print(table)
+    points = results["reference_points"]
+    console.print("reference points on the same held-out instances: " + ", ".join(
+        f"{who} {p['loss_per_token']:.4f}" for who, p in points.items() if isinstance(p, dict)) + " nats/token",
+        highlight=False)
+    console.print(f"report: {results['report']} (and report.html beside it)", highlight=False)
+
+
+def _run_run(config, args) -> int:
+    from miniplm.pipeline import Pipeline
+
+    _print_results(Pipeline(config, force=args.force).run())
+    return 0
+
+
+DEMO_INTRO = """\
+miniplm demo: MiniPLM (arXiv 2410.17215) end to end, small enough for a laptop CPU.
+  1. pack the default corpus (7 public-domain/CC sources from the package registries) into instances
+     in the teacher's tokenizer, holding out D_ref and held-out splits;
+  2. train a small reference LM on D_ref;
+  3. score a pool of training instances with the teacher (SmolLM2-135M-Instruct) and the reference;
+  4. Difference Sampling: keep the half with the highest  mean log p_teacher - mean log p_ref;
+  5. train two tiny students on the same number of tokens: one on uniform data (no KD), one on the
+     MiniPLM selection; evaluate held-out loss and zero-shot tasks, and write a report.
+Stages are cached under {output}: a rerun (or a run after an interruption) continues where it stopped.
+The numbers are whatever this run measures; at this size expect differences within noise.
+"""
+
+
+def _run_demo(config, args) -> int:
+    print(DEMO_INTRO.format(output=config.output))
+    return _run_run(config, args)
+
+
+def _demo_config() -> str:
+    from importlib import resources
+
+    return str(resources.files("miniplm") / "configs" / "demo.yaml")
+
+
 def _commands() -> list[Command]:
     from miniplm.data.prepare import PrepareConfig
     from miniplm.evaluation.loss import EvalLossConfig
     from miniplm.evaluation.tasks import EvalTasksConfig
     from miniplm.export import ExportConfig
+    from miniplm.pipeline import RunConfig
     from miniplm.report import ReportConfig
     from miniplm.scoring.run import ScoreConfig
     from miniplm.selection.select import SelectConfig
@@ -331,6 +395,34 @@ def _commands() -> list[Command]:
             "examples:\n"
             "  miniplm report --runs no-kd=out/students/uniform miniplm=out/students/miniplm --selection "
             "out/selection --costs out/scores/teacher out/scores/ref out/ref",
+        ),
+        Command(
+            "run",
+            RunConfig,
+            _run_run,
+            "the whole pipeline from one YAML: prepare ... train students ... evaluate, report",
+            "prepare -> train the reference on D_ref -> score with teacher and reference -> select -> "
+            "[generate SeqKD] -> export per student -> train students and baselines (held-out loss against "
+            "FLOPs) -> zero-shot tasks -> reference points -> report. Each stage is skipped when its "
+            "manifest says it is done and resumes after a kill; one status line per stage. Stage settings are "
+            "the stages' own config keys, as mappings (prepare:, reference:, score:, selections:, train:, "
+            "students:).\n\n"
+            "examples:\n"
+            "  miniplm run configs/micro_repro.yaml\n"
+            "  miniplm run configs/micro_repro.yaml output=out/repro-seed2 train.seed=2",
+        ),
+        Command(
+            "demo",
+            RunConfig,
+            _run_demo,
+            "the README's main command: `run` on the shipped demo config (about 15 minutes on 2 CPU cores)",
+            "Runs the shipped demo config (miniplm/configs/demo.yaml: default corpus, SmolLM2-135M teacher, a "
+            "tiny reference, two tiny students on uniform vs MiniPLM data) and prints the result table and "
+            "where the report is. Any key can be overridden as for `run`.\n\n"
+            "examples:\n"
+            "  miniplm demo\n"
+            "  miniplm demo output=out/demo2 --print-config",
+            default_config=_demo_config(),
         ),
     ]
 

@@ -170,7 +170,11 @@ def export(config: ExportConfig, force: bool = False, log=print) -> dict:
             instances=count, tokens=tokens, dtype=dtype.name if token_format else None, max_len=max_len,
             tokenizer={"spec": config.tokenizer or corpus.manifest["tokenizer"]["spec"], "vocab_size": vocab,
                        "retokenized": convert is not None,
-                       "bos": None if convert is None else convert.bos},
+                       "bos": None if convert is None else convert.bos,
+                       # what `PackedCorpus` reads, so that `miniplm train --corpus` takes a tokens export
+                       **({"eos_id": int(student.eos_token_id if student is not None else corpus.eos_id),
+                           "dtype": dtype.name, "path": "tokenizer"} if token_format else {})},
+            splits={"train": {"instances": count, "tokens": tokens}} if config.format == "tokens" else None,
             round_trip=lossy, files=details, wall_seconds=round(time.time() - started, 2),
         )
         write_json_atomic(out / "manifest.json", manifest)

@@ -27,6 +27,8 @@ class ReportConfig:
     selection: str | None = option(None, "a `miniplm select` output whose report is linked in")
     costs: list[str] = field(default_factory=list, metadata={
         "help": "offline stage outputs (score, train of the reference, generate) for the cost table"})
+    reference_points: str | None = option(None, "a JSON of reference held-out losses (unigram, teacher) as "
+                                          "`miniplm run` writes it")
     extrapolate_to: float | None = option(None, "also give each fitted loss at this many FLOPs")
     title: str = option("MiniPLM report", "page title")
     output: str = option("out/report", "output directory (report.md, report.html, PNGs, results.json)")
@@ -147,6 +149,12 @@ def build_report(config: ReportConfig, log=print) -> Path:
             results["runs"][name] = row
         md += ["", f"Compute saving: how many times less training compute a run needs than {baseline} to reach "
                f"{baseline}'s final loss ({target:.4f}), both read off the fitted curves.", ""]
+    if config.reference_points:
+        points = json.loads(Path(config.reference_points).read_text())
+        md += [f"Reference points on the same held-out instances ({points.get('split')}): "
+               + ", ".join(f"{who} {p['loss_per_token']:.4f}" for who, p in points.items() if isinstance(p, dict))
+               + " nats/token. A student below the unigram level has learned more than token frequencies.", ""]
+        results["reference_points"] = points
     if tasks:
         task_names = list(dict.fromkeys(t for r in tasks.values() for t in r["tasks"]))
         md += ["## Zero-shot tasks (acc_norm where the task has it, else acc)", "",

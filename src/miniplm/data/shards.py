@@ -151,6 +151,13 @@ class PackedSplit:
         start = int(self._offsets[i])
         return np.asarray(self._shard(int(self._shard_ids[i]))[start : start + int(self._lengths[i])])
 
+    def token_counts(self, vocab_size: int) -> np.ndarray:
+        """How often each token id occurs in the split (for unigram baselines)."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for shard in np.unique(self._shard_ids):
+            counts += np.bincount(self._shard(int(shard)), minlength=vocab_size)[:vocab_size]
+        return counts
+
     def shard_indices(self, rank: int, world_size: int) -> range:
         """This worker's contiguous share of instance indices."""
         n = len(self)
@@ -165,9 +172,12 @@ class PackedCorpus:
 
         self.path = Path(path)
         manifest = read_manifest(self.path)
-        if manifest is None or manifest.get("stage") != "prepare":
-            raise FileNotFoundError(f"{self.path} is not a prepared corpus (no prepare manifest.json); "
-                                    f"run `miniplm prepare --output {self.path}` first")
+        packed = manifest is not None and (manifest.get("stage") == "prepare" or (
+            manifest.get("stage") == "export" and manifest.get("splits")))
+        if not packed:
+            raise FileNotFoundError(f"{self.path} is not a packed corpus (no manifest.json of `miniplm prepare` or "
+                                    f"`miniplm export --format tokens`); run `miniplm prepare --output {self.path}` "
+                                    f"first")
         self.manifest = manifest
         self.key: str = manifest["key"]
         self.eos_id: int = manifest["tokenizer"]["eos_id"]

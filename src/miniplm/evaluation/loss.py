@@ -103,6 +103,25 @@ def heldout_loss(model, tokenizer, heldout: HeldOut, precision: str = "auto", ba
             "instances": int(len(instances)), "tokens": int(counts.sum())}
 
 
+def unigram_loss(corpus: PackedCorpus, heldout: HeldOut, train_split: str = "train") -> dict:
+    """Held-out loss of the add-one-smoothed unigram model of `train_split`: the level a trained LM must beat."""
+    tokenizer = corpus.load_tokenizer()
+    counts = corpus.split(train_split).token_counts(len(tokenizer)).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    masked = {corpus.eos_id} | ({int(tokenizer.pad_token_id)} if tokenizer.pad_token_id is not None else set())
+    masked_ids = np.array(sorted(masked))
+    total, n, per_instance = 0.0, 0, []
+    for x in heldout.instances:
+        x = x.astype(np.int64)
+        targets = x[1:][~np.isin(x[:-1], masked_ids)]
+        if len(targets):
+            loss = -logp[targets]
+            total, n = total + loss.sum(), n + len(targets)
+            per_instance.append(loss.mean())
+    return {"loss_per_token": float(total / max(n, 1)), "loss_per_instance": float(np.mean(per_instance)),
+            "instances": len(heldout.instances), "tokens": n}
+
+
 def training_flops(parameters: int, tokens: int, teacher_parameters: int = 0) -> float:
     """6 N D for the student's forward and backward, plus 2 N_teacher D for an online teacher's forward."""
     return 6.0 * parameters * tokens + 2.0 * teacher_parameters * tokens

@@ -139,7 +139,7 @@ def masked_loss(logits: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor, 
     return loss, keep.sum()
 
 
-def _total_steps(config: TrainConfig, split: PackedSplit) -> int:
+def planned_steps(config: TrainConfig, split: PackedSplit) -> int:
     if config.max_steps is not None:
         return config.max_steps
     lengths = split.table.column("n_tokens").to_numpy()
@@ -216,7 +216,7 @@ def train(config: TrainConfig, log=print) -> dict:
     distributed.barrier()
 
     model = _build_model(config, corpus, tokenizer).to(device)
-    total_steps = _total_steps(config, split)
+    total_steps = planned_steps(config, split)
     n_params = sum(p.numel() for p in model.parameters())
     teacher = _load_teacher(config, corpus, tokenizer, device) if config.kd == "vanilla" else None
     n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0

@@ -1,0 +1,80 @@
+"""`miniplm run`: every stage end to end on tiny data, then a rerun that finds every stage cached."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import make_corpus, save_tiny_llama
+from miniplm.cli import main
+from miniplm.config import ConfigError, load_config
+from miniplm.pipeline import RunConfig
+
+
+def run_yaml(tmp_path, tokenizer_dir) -> dict:
+    raw = make_corpus(tmp_path / "raw", n_docs=120)
+    teacher = save_tiny_llama(tmp_path / "teacher", tokenizer_dir, seed=1)
+    return {
+        "output": str(tmp_path / "run"),
+        "teacher": str(teacher),
+        "prepare": {"inputs": [str(raw)], "tokenizer": str(tokenizer_dir), "max_len": 64, "shuffle": True,
+                    "progress": False, "splits": {"ref": {"fraction": 0.2}, "heldout": {"fraction": 0.05},
+                                                  "heldout_hq": {"fraction": 0.05, "domains": ["news"]}}},
+        "reference": {"model": "qwen2-tiny", "max_steps": 6, "batch_size": 4, "warmup_steps": 2,
+                      "precision": "fp32", "progress": False, "save_every": 6},
+        "score": {"max_instances": 80, "progress": False, "precision": "fp32"},
+        "selections": {"miniplm": {"alpha": 0.5, "progress": False},
+                       "random-mix": {"selector": "random", "domain_quota": "from:miniplm", "progress": False,
+                                      "report": False}},
+        "train": {"batch_size": 4, "warmup_steps": 2, "precision": "fp32", "progress": False, "save_every": 100},
+        "students": [{"name": "no-kd", "model": "qwen2-tiny", "data": "all"},
+                     {"name": "miniplm", "model": "llama-tiny", "data": "miniplm"},
+                     {"name": "kd", "model": "qwen2-tiny", "data": "all", "kd": "vanilla"}],
+        "eval": {"split": "heldout_hq", "max_instances": 8, "points": 3, "tasks": ["lambada_openai"], "task_limit": 4},
+    }
+
+
+def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    monkeypatch.setenv("MINIPLM_CACHE", str(tmp_path / "cache"))
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(run_yaml(tmp_path, tokenizer_dir)))
+    assert main(["run", str(config_file)]) == 0
+    first = capsys.readouterr().out
+    out = tmp_path / "run"
+    assert "[ 1/" in first and "report:" in first and "compute saving" in first
+    report = json.loads((out / "report" / "results.json").read_text())
+    assert set(report["runs"]) == {"no-kd", "miniplm", "kd"}
+    # equal tokens for the uniform and the selected data (the selection is the smaller corpus) ...
+    manifests = {s: json.loads((out / "students" / s / "manifest.json").read_text()) for s in report["runs"]}
+    assert manifests["no-kd"]["tokens"] == pytest.approx(manifests["miniplm"]["tokens"], rel=0.1)
+    # ... Vanilla KD cut to equal FLOPs, its teacher forward counted in its compute
+    assert manifests["kd"]["steps"] < manifests["no-kd"]["steps"]
+    assert manifests["kd"]["teacher"]["parameters"] > 0
+    curve = [json.loads(x) for x in (out / "students" / "miniplm" / "eval.jsonl").read_text().splitlines()]
+    assert len(curve) >= 3 and curve[-1]["step"] == manifests["miniplm"]["steps"]
+    tasks = json.loads((out / "students" / "no-kd" / "eval_tasks.json").read_text())["tasks"]
+    assert tasks["lambada_openai"]["examples"] == 4
+    points = json.loads((out / "reference_points.json").read_text())
+    assert points["unigram"]["loss_per_token"] > 0 and points["teacher"]["loss_per_token"] > 0
+    assert (out / "report" / "report.html").is_file() and (out / "selections" / "random-mix").is_dir()
+
+    assert main(["run", str(config_file)]) == 0
+    second = capsys.readouterr().out
+    stage_lines = [line for line in second.splitlines() if line.strip().startswith(("cached", "done"))]
+    # every stage but the report (always re-rendered) is found done
+    assert sum(line.strip().startswith("cached") for line in stage_lines) == len(stage_lines) - 1
+    assert json.loads((out / "report" / "results.json").read_text()) == report
+
+
+def test_run_config_refusals(tmp_path, tokenizer_dir):
+    base = run_yaml(tmp_path, tokenizer_dir)
+    with pytest.raises(ConfigError, match="not 'all', 'seqkd' or a selection"):
+        load_config(RunConfig, None, {**base, "students": [{"name": "x", "data": "nope"}]})
+    with pytest.raises(ConfigError, match="names must be unique"):
+        load_config(RunConfig, None, {**base, "students": [{"name": "x"}, {"name": "x"}]})
+    with pytest.raises(ConfigError, match="seqkd needs a `generate` section"):
+        load_config(RunConfig, None, {**base, "students": [{"name": "x", "data": "seqkd"}]})
+    with pytest.raises(ConfigError, match="Vanilla KD needs the teacher's tokenizer"):
+        load_config(RunConfig, None, {**base, "students": [{"name": "x", "kd": "vanilla", "tokenizer": "gpt2"}]})
