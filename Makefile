@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/miniplm prepare
+	$(VENV)/bin/miniplm demo
 
 test: setup
 	$(VENV)/bin/ruff check src tests bench

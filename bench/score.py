@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from flops import forward_flops_per_token, linear_shapes, mfu_line
 
+from miniplm.allocator import keep_freed_memory
 from miniplm.data.shards import PackedCorpus
 from miniplm.models import load_causal_lm, resolve_precision
 from miniplm.scoring.plan import plan_batches, plan_parts
@@ -99,6 +100,7 @@ def matmul_bound(model, dtype, device, tokens: int) -> float:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI does
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default="out/corpus")
     parser.add_argument("--split", default="train")

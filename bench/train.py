@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from flops import forward_flops_per_token, mfu_line
 
+from miniplm.allocator import keep_freed_memory
 from miniplm.config import load_config
 from miniplm.data.shards import PackedCorpus
 from miniplm.training.train import TrainConfig, _build_model, train
@@ -92,6 +93,7 @@ def trainer_speed(args, out: Path) -> float:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI does
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default="out/corpus")
     parser.add_argument("--model", default="qwen2-small")

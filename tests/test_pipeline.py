@@ -32,7 +32,8 @@ def run_yaml(tmp_path, tokenizer_dir) -> dict:
         "students": [{"name": "no-kd", "model": "qwen2-tiny", "data": "all"},
                      {"name": "miniplm", "model": "llama-tiny", "data": "miniplm"},
                      {"name": "kd", "model": "qwen2-tiny", "data": "all", "kd": "vanilla"}],
-        "eval": {"split": "heldout_hq", "max_instances": 8, "points": 3, "tasks": ["lambada_openai"], "task_limit": 4},
+        "eval": {"split": "heldout_hq", "max_instances": 8, "points": 3, "tasks": ["lambada_openai"], "task_limit": 4,
+                 "final_splits": ["heldout"]},
     }
 
 
@@ -56,8 +57,11 @@ def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, 
     assert len(curve) >= 3 and curve[-1]["step"] == manifests["miniplm"]["steps"]
     tasks = json.loads((out / "students" / "no-kd" / "eval_tasks.json").read_text())["tasks"]
     assert tasks["lambada_openai"]["examples"] == 4
+    final = json.loads((out / "students" / "miniplm" / "eval_splits.json").read_text())["splits"]["heldout"]
+    assert final["loss_per_token"] > 0 and final["instances"] > 0
     points = json.loads((out / "reference_points.json").read_text())
     assert points["unigram"]["loss_per_token"] > 0 and points["teacher"]["loss_per_token"] > 0
+    assert points["other_splits"]["heldout"]["unigram"]["loss_per_token"] > 0
     assert (out / "report" / "report.html").is_file() and (out / "selections" / "random-mix").is_dir()
 
     assert main(["run", str(config_file)]) == 0

