@@ -23,7 +23,7 @@ demo: setup
 	$(VENV)/bin/miniplm demo
 
 test: setup
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench scripts
 	$(VENV)/bin/python -m pytest
 
 clean:

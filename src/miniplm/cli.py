@@ -26,6 +26,7 @@ from miniplm.config import (
     to_dict,
     type_name,
 )
+from miniplm.manifest import output_lock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,7 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
             return 0
-        return command.run(config, args)
+        output = getattr(config, "output", None)
+        if not output or distributed.rank_world()[0] != 0:  # one lock per job: rank 0 takes it
+            return command.run(config, args)
+        with output_lock(output):
+            return command.run(config, args)
     except (ConfigError, FileNotFoundError, ValueError, OSError, ImportError, RuntimeError) as exc:
         print(f"miniplm {args.command}: error: {exc}", file=sys.stderr)
         return 2

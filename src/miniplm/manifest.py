@@ -10,6 +10,7 @@ the stage is skipped only when the key matches.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -78,6 +79,44 @@ def staged_output(output: str | Path):
         os.replace(output, old)
     os.replace(partial, output)
     shutil.rmtree(old, ignore_errors=True)
+
+
+class OutputBusy(RuntimeError):
+    """Another process holds the lock of an output directory."""
+
+
+@contextlib.contextmanager
+def output_lock(output: str | Path):
+    """Hold an exclusive lock on `output` (the file `<output>.lock`) while a stage writes it, so that a second
+    run pointed at the same directory stops with a clear error instead of interleaving its writes. The lock
+    is the kernel's (flock): a killed holder releases it, and no stale lock survives a crash."""
+    output = Path(output).resolve()
+    lock_path = output.with_name(output.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fh = open(lock_path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise OutputBusy(f"{output} is being written by {holder}; wait for it to finish, or choose another "
+                             f"output directory") from None
+        # the holder before us may have removed the file after we opened it: then lock the new one
+        if lock_path.exists() and os.fstat(fh.fileno()).st_ino == os.stat(lock_path).st_ino:
+            break
+        fh.close()
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"miniplm pid {os.getpid()} on {platform.node()}")
+    fh.flush()
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
 
 
 def new_manifest(stage: str, key: str, config: dict, **fields) -> dict:

@@ -12,11 +12,14 @@ the paper's ninth task, ships nowhere offline: the default list is the other eig
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
+import io
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -140,9 +143,13 @@ def evaluate_tasks(config: EvalTasksConfig, log=print) -> dict:
         manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     else:
         names, manager = {t: t for t in config.tasks}, TaskManager()
-    raw = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), task_manager=manager, limit=config.limit,
-                                  num_fewshot=0, log_samples=False, bootstrap_iters=0, random_seed=0,
-                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    # lm-eval draws several tqdm bars per task: useful at a terminal, hundreds of lines in a log
+    quiet = contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
+    with quiet:
+        raw = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), task_manager=manager,
+                                      limit=config.limit, num_fewshot=0, log_samples=False, bootstrap_iters=0,
+                                      random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                      fewshot_random_seed=0)
     rows = {}
     for task, name in names.items():
         metrics = raw["results"][name]

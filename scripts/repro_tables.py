@@ -1,0 +1,244 @@
+"""Collect the small results of a `miniplm run` and render the tables of its results document.
+
+    .venv/bin/python scripts/repro_tables.py collect out/micro_repro results/micro_repro
+    .venv/bin/python scripts/repro_tables.py render results/micro_repro docs/results/micro_repro.md
+
+`collect` copies what the document needs and nothing heavy (no model weights, no token shards): curves,
+evaluation JSON, manifests, the selections' per-instance scores. `render` rewrites the part of the document
+between `<!-- tables:begin -->` and `<!-- tables:end -->` from those files alone, so every number there
+can be regenerated from the committed results; the prose around the markers is written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, read_curve
+
+STUDENT_FILES = ("eval.jsonl", "metrics.jsonl", "eval_tasks.json", "eval_splits.json", "manifest.json")
+STAGE_FILES = {"scores/teacher": ("manifest.json",), "scores/reference": ("manifest.json",),
+               "reference": ("manifest.json", "metrics.jsonl"), "seqkd": ("manifest.json",),
+               "corpus": ("manifest.json",), "report": ("results.json",)}
+BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
+
+
+def collect(run: Path, results: Path) -> None:
+    if results.exists():
+        shutil.rmtree(results)
+    results.mkdir(parents=True)
+    for name in ("run_config.json", "reference_points.json"):
+        if (run / name).is_file():
+            shutil.copy(run / name, results / name)
+    for stage, files in STAGE_FILES.items():
+        for name in files:
+            if (run / stage / name).is_file():
+                (results / stage).mkdir(parents=True, exist_ok=True)
+                shutil.copy(run / stage / name, results / stage / name)
+    for selection in sorted((run / "selections").glob("*")):
+        target = results / "selections" / selection.name
+        target.mkdir(parents=True)
+        for name in ("manifest.json", "instances.parquet"):
+            if (selection / name).is_file():
+                shutil.copy(selection / name, target / name)
+    for student in sorted((run / "students").glob("*")):
+        target = results / "students" / student.name
+        target.mkdir(parents=True)
+        for name in STUDENT_FILES:
+            if (student / name).is_file():
+                shutil.copy(student / name, target / name)
+    size = sum(p.stat().st_size for p in results.rglob("*") if p.is_file())
+    print(f"collected {results} ({size / 1e6:.1f} MB)")
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def _group(name: str) -> str:
+    """Seed variants (<name>-sN) belong to <name>."""
+    return re.sub(r"-s\d+$", "", name)
+
+
+def render(results: Path) -> str:
+    config = _json(results / "run_config.json")
+    students = {s["name"]: s for s in config.get("students", [])}
+    points = _json(results / "reference_points.json")
+    out = []
+    hq = points.get("split", "heldout_hq")
+    other = points.get("other_splits", {})
+    out += ["### Reference points (held-out loss, nats per teacher token)", "",
+            "| model | " + " | ".join([hq, *other]) + " |", "|---" * (1 + 1 + len(other)) + "|"]
+    for who in ("unigram", "teacher"):
+        if who in points:
+            out.append(f"| {who} | {points[who]['loss_per_token']:.4f} | "
+                       + " | ".join(f"{other[s][who]['loss_per_token']:.4f}" for s in other) + " |")
+    out.append("")
+
+    rows: dict[str, dict] = {}
+    for directory in sorted((results / "students").glob("*")):
+        manifest = _json(directory / "manifest.json")
+        if not manifest:
+            continue
+        curve = [json.loads(x) for x in (directory / "eval.jsonl").read_text().splitlines()] \
+            if (directory / "eval.jsonl").is_file() else []
+        tasks = _json(directory / "eval_tasks.json")
+        splits = _json(directory / "eval_splits.json").get("splits", {})
+        rows[directory.name] = {"curve": curve, "tasks": tasks, "splits": splits, "manifest": manifest,
+                                "spec": students.get(directory.name, {})}
+    groups: dict[str, list[str]] = {}
+    for name in rows:
+        groups.setdefault(_group(name), []).append(name)
+
+    task_names = list(dict.fromkeys(t for r in rows.values() for t in r["tasks"].get("tasks", {})))
+    out += ["### Students: held-out loss and zero-shot accuracy (the paper's Table 1 layout)", "",
+            "Loss per token of the student's own tokenizer on the final step; tasks: acc_norm where the task has "
+            "it, else acc, in %. `a ± b`: mean ± sample std over seeds (n in the seeds column).", "",
+            "| student | model | data | KD | seeds | params | tokens | loss " + hq + " | loss "
+            + " / ".join(other) + " | " + " | ".join(task_names) + " | Avg. |",
+            "|---" * (9 + len(task_names) + 1) + "|"]
+    for group, names in groups.items():
+        first = rows[names[0]]
+        spec, manifest = first["spec"], first["manifest"]
+        hq_losses = [rows[n]["curve"][-1]["loss_per_token"] for n in names if rows[n]["curve"]]
+        mix_losses = [rows[n]["splits"][s]["loss_per_token"] for n in names for s in other if s in rows[n]["splits"]]
+        cells = [group, spec.get("model", "?") + (f" ({spec['tokenizer']})" if spec.get("tokenizer") else ""),
+                 spec.get("data", "?"), spec.get("kd", "none"), str(len(names)),
+                 f"{manifest['model']['parameters'] / 1e6:.1f}M", f"{manifest['tokens']:,}",
+                 _mean_std(hq_losses), _mean_std(mix_losses)]
+        for task in task_names:
+            values = [100 * rows[n]["tasks"]["tasks"][task]["value"] for n in names
+                      if task in rows[n]["tasks"].get("tasks", {})]
+            cells.append(f"{np.mean(values):.1f}" if values else "-")
+        averages = [100 * rows[n]["tasks"]["average"] for n in names if rows[n]["tasks"]]
+        cells.append(f"{np.mean(averages):.1f}" + (f" ± {np.std(averages, ddof=1):.1f}" if len(averages) > 1 else "")
+                     if averages else "-")
+        out.append("| " + " | ".join(cells) + " |")
+    limit = {r["tasks"].get("limit") for r in rows.values() if r["tasks"]}
+    out += ["", f"Examples per task: {', '.join(str(x) for x in limit) or '-'}. Chance: 25% (hellaswag, arc, "
+            "openbookqa), 50% (piqa, winogrande), 33% (social_iqa), ~0% (lambada).", ""]
+
+    out += ["### Compute saving against no-KD of the same model (from fitted L(C) = A C^-a + L_inf)", "",
+            "| student | baseline | final loss | fit A | alpha | L_inf | fit RMSE | compute saving |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        spec = row["spec"]
+        if not spec or spec.get("data") == "all" and spec.get("kd") == "none":
+            continue
+        baseline = next((n for n, r in rows.items() if r["spec"].get("model") == spec.get("model")
+                         and r["spec"].get("tokenizer") == spec.get("tokenizer") and r["spec"].get("data") == "all"
+                         and r["spec"].get("kd") == "none" and _group(n) == n), None)
+        if baseline is None:
+            continue
+        try:
+            base_fit = fit_scaling_law(*read_curve(results / "students" / baseline))
+            fit = fit_scaling_law(*read_curve(results / "students" / name))
+        except ValueError:
+            continue
+        target = rows[baseline]["curve"][-1]["loss_per_token"]
+        saving = compute_saving(base_fit, fit, target)
+        shown = f"{saving:.2f}x" if math.isfinite(saving) and saving > 0 else (
+            "never reaches it" if saving == 0 else "only it reaches it" if math.isinf(saving) else "-")
+        out.append(f"| {name} | {baseline} | {row['curve'][-1]['loss_per_token']:.4f} | {fit.A:.4g} | "
+                   f"{fit.alpha:.4f} | {fit.L_inf:.4f} | {fit.rmse:.4f} | {shown} |")
+    out.append("")
+
+    out += ["### Selections: domain mix of the kept half", ""]
+    import pyarrow.parquet as pq
+
+    selections = sorted((results / "selections").glob("*"))
+    mixes = {}
+    for selection in selections:
+        if (selection / "instances.parquet").is_file():
+            table = pq.read_table(selection / "instances.parquet", columns=["domain", "n_tokens", "selected"])
+            d = table.to_pydict()
+            total: dict[str, int] = {}
+            kept: dict[str, int] = {}
+            for domain, n, selected in zip(d["domain"], d["n_tokens"], d["selected"]):
+                total[domain] = total.get(domain, 0) + n
+                if selected:
+                    kept[domain] = kept.get(domain, 0) + n
+            mixes[selection.name] = (total, kept)
+    if mixes:
+        domains = sorted(next(iter(mixes.values()))[0])
+        out += ["Token share per domain, in %: the pool, then each selection's kept half.", "",
+                "| domain | pool | " + " | ".join(mixes) + " |", "|---" * (2 + len(mixes)) + "|"]
+        total = next(iter(mixes.values()))[0]
+        for domain in domains:
+            cells = [f"{100 * total.get(domain, 0) / sum(total.values()):.1f}"]
+            cells += [f"{100 * kept.get(domain, 0) / max(sum(kept.values()), 1):.1f}" for _, kept in mixes.values()]
+            out.append(f"| {domain} | " + " | ".join(cells) + " |")
+        out.append("")
+        first = pq.read_table(selections[0] / "instances.parquet").to_pydict() if selections else None
+        if first and first.get("teacher_logp") and first.get("ref_logp") and first["ref_logp"][0] is not None:
+            n = np.array(first["n_tokens"], dtype=float)
+            teacher = -np.array(first["teacher_logp"], dtype=float)
+            reference = -np.array(first["ref_logp"], dtype=float)
+            r = reference - teacher  # mean log p_teacher - mean log p_ref, per token
+            corr = np.corrcoef(r, -teacher)[0, 1]
+            out += [f"In `{selections[0].name}`: mean teacher loss {teacher.mean():.3f}, mean reference loss "
+                    f"{reference.mean():.3f} nats/token over {len(n):,} instances; correlation of r with "
+                    f"-(teacher loss) {corr:.3f} (near 1: the reference adds little beyond teacher-perplexity "
+                    f"selection).", ""]
+
+    costs = []
+    for stage, label in (("scores/teacher", "score with the teacher"), ("scores/reference", "score with the "
+                         "reference"), ("reference", "train the reference (D_ref)"), ("seqkd", "generate SeqKD")):
+        m = _json(results / stage / "manifest.json")
+        if not m:
+            continue
+        if stage == "reference":
+            n, d, flops = m["model"]["parameters"], m["tokens"], 6 * m["model"]["parameters"] * m["tokens"]
+        elif stage == "seqkd":
+            n = m.get("model", {}).get("parameters", 0)
+            d = m.get("generated_tokens", 0)
+            flops = 2 * n * m["splits"]["train"]["tokens"]
+        else:
+            n, d = m["model"]["parameters"], m["tokens_scored"]
+            flops = 2 * n * d
+        costs.append(f"| {label} | {n / 1e6:.1f}M | {d:,} | {flops:.3g} | {m.get('wall_seconds', '-')} |")
+    if costs:
+        out += ["### Offline costs (kept apart from training compute, as the paper)", "",
+                "| stage | parameters | tokens | FLOPs | wall seconds (2 CPU cores) |", "|---|---|---|---|---|",
+                *costs, ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect", help="copy a run's small results into a results folder")
+    c.add_argument("run", type=Path)
+    c.add_argument("results", type=Path)
+    r = sub.add_parser("render", help="rewrite the tables of a results document from a results folder")
+    r.add_argument("results", type=Path)
+    r.add_argument("document", type=Path)
+    args = parser.parse_args()
+    if args.command == "collect":
+        collect(args.run, args.results)
+        return
+    text = args.document.read_text() if args.document.is_file() else f"{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{args.document} has no {BEGIN} ... {END} markers to fill")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    args.document.write_text(f"{head}{BEGIN}\n{render(args.results)}\n{END}{tail}")
+    print(f"rendered {args.document} from {args.results}")
+
+
+if __name__ == "__main__":
+    main()
