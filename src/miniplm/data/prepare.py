@@ -270,6 +270,12 @@ def prepare(config: PrepareConfig, force: bool = False, log=print) -> dict:
             summary["packing"] = vars(packers[name].stats)
             splits_summary[name] = summary
         documents.close()
+        truncated = sum(s["packing"]["truncated_documents"] for s in splits_summary.values())
+        if truncated:
+            dropped = sum(s["packing"]["truncated_tokens"] for s in splits_summary.values())
+            log(f"prepare: {truncated:,} document(s) ran past max_chunks_per_document "
+                f"({config.max_chunks_per_document:,} instances); their last {dropped:,} tokens were dropped "
+                f"(raise the cap, or set it to null, to keep them)")
 
         read = doc_index
         packed = sum(c.documents for c in domains.values())

@@ -43,8 +43,13 @@ def shard_paths(split_dir: Path, shard: int) -> tuple[Path, Path]:
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path) then rename into place, so a reader never sees a partial file."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:  # disk full, quota, permissions: leave nothing half-written behind
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"could not write {path}: {exc.strerror or exc}; the files already complete "
+                                 f"are kept: free the space (or fix the cause) and rerun the same command") from exc
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

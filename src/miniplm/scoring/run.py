@@ -185,7 +185,11 @@ def score(config: ScoreConfig, force: bool = False, log=print) -> dict:
     key = manifest_key(FORMAT_VERSION, cfg_hash, corpus.key, source_fingerprint(config.model),
                        source_fingerprint(config.tokenizer) if config.tokenizer else None)
     output = Path(config.output)
-    if not force and is_up_to_date(output, key):
+    plan_size = len(plan_parts(lengths, config.part_tokens))
+    intact = len(list((output / "parts").glob("part-*.parquet"))) == plan_size
+    if not force and is_up_to_date(output, key) and not intact and rank == 0:
+        log(f"score: {output} is missing part files (deleted or damaged since it finished): scoring them again")
+    if not force and is_up_to_date(output, key) and intact:
         if rank == 0:
             log(f"score: {output} is up to date (key {key}); pass --force to redo it")
         return read_manifest(output)
