@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test faults clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check src tests bench scripts
 	$(VENV)/bin/python -m pytest
+
+# the fault-injection suite alone (also part of `make test`); more kills per stage with e.g. KILLS=10
+faults: setup
+	MINIPLM_FAULT_KILLS=$(or $(KILLS),5) $(VENV)/bin/python -m pytest tests/faults
 
 clean:
 	rm -rf $(VENV) out
