@@ -63,6 +63,10 @@ def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, 
     assert points["unigram"]["loss_per_token"] > 0 and points["teacher"]["loss_per_token"] > 0
     assert points["other_splits"]["heldout"]["unigram"]["loss_per_token"] > 0
     assert (out / "report" / "report.html").is_file() and (out / "selections" / "random-mix").is_dir()
+    # nothing written outside the output directory (and the cache it was given), nothing temporary left
+    inputs = {"raw", "teacher", "run.yaml", "cache", "run"}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in inputs) == []
+    assert not [p for pattern in ("*.tmp", "*.partial", "*.lock") for p in tmp_path.rglob(pattern)]
 
     assert main(["run", str(config_file)]) == 0
     second = capsys.readouterr().out
