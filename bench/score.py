@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-tokens", type=int, default=16384)
+    parser.add_argument("--head-chunk", type=int, default=None, help="positions per output-layer chunk "
+                        "(default: miniplm's, 256 on CPU and 4096 on GPU)")
     parser.add_argument("--skip-naive", action="store_true", help="leave out (i), the slowest")
     parser.add_argument("--compile", action="store_true",
                         help="miniplm with a torch.compile'd backbone (dynamic shapes; compiled during the warm-up)")
@@ -125,7 +127,8 @@ def main() -> None:
     tokens = sum(len(x) for x in instances)
     model = load_causal_lm(args.model, device=device)
     dtype = resolve_precision(args.precision, device)
-    scorer = LogProbScorer(model, {corpus.eos_id}, dtype, log=lambda m: None)
+    head_chunk = args.head_chunk or (4096 if device.type == "cuda" else 256)
+    scorer = LogProbScorer(model, {corpus.eos_id}, dtype, head_chunk, log=lambda m: None)
 
     if args.compile:
         scorer.backbone = torch.compile(scorer.backbone, dynamic=True)
