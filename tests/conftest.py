@@ -72,6 +72,34 @@ def save_tiny_llama(path: Path, tokenizer_dir: Path, seed: int = 0, layers: int 
     return path
 
 
+def save_other_tokenizer(path: Path, eos: bool = True) -> Path:
+    """A small BPE tokenizer with another vocabulary than the test tokenizer's (with or without EOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    specials = ["</s>"] if eos else []
+    tok.train_from_iterator(["other words entirely"] * 10, trainers.BpeTrainer(vocab_size=280,
+                                                                               special_tokens=specials))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>" if eos else None).save_pretrained(path)
+    return path
+
+
+def write_gguf_of_unknown_architecture(path: Path) -> Path:
+    """A valid GGUF file whose architecture ('fooarch') transformers cannot load."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch="fooarch")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)

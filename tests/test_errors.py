@@ -12,10 +12,15 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import make_corpus, save_tiny_llama, write_jsonl
+from conftest import (
+    make_corpus,
+    save_other_tokenizer,
+    save_tiny_llama,
+    write_gguf_of_unknown_architecture,
+    write_jsonl,
+)
 from miniplm.cli import main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
@@ -63,15 +68,7 @@ class Env:
         return out
 
     def other_tokenizer(self) -> Path:
-        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-        from transformers import PreTrainedTokenizerFast
-
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-        tok.train_from_iterator(["other words"] * 10, trainers.BpeTrainer(vocab_size=280, special_tokens=["</s>"]))
-        path = self.tmp / "other-tok"
-        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(path)
-        return path
+        return save_other_tokenizer(self.tmp / "other-tok")
 
     def selection(self) -> Path:
         ref_model = save_tiny_llama(self.tmp / "ref-model", self.tokenizer, seed=1)
@@ -238,16 +235,7 @@ def model_pickled_weights(e: Env) -> str:
 
 
 def model_unsupported_gguf(e: Env) -> str:
-    import gguf
-
-    path = e.tmp / "odd.gguf"
-    writer = gguf.GGUFWriter(str(path), arch="fooarch")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_gguf_of_unknown_architecture(e.tmp / "odd.gguf")
     return e.cli("score", "--model", path, "--tokenizer", e.tokenizer, "--corpus", e.corpus, "--output", e.tmp / "s")
 
 
@@ -258,14 +246,8 @@ def model_kd_other_vocabulary(e: Env) -> str:
 
 
 def model_student_without_eos(e: Env) -> str:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["student words"] * 10, trainers.BpeTrainer(vocab_size=280))
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(e.tmp / "no-eos")
-    return e.cli("export", "--selection", e.selection(), "--tokenizer", e.tmp / "no-eos", "--output", e.tmp / "x",
+    no_eos = save_other_tokenizer(e.tmp / "no-eos", eos=False)
+    return e.cli("export", "--selection", e.selection(), "--tokenizer", no_eos, "--output", e.tmp / "x",
                  "--progress", "false")
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_tiny_llama
+from conftest import save_other_tokenizer, save_tiny_llama, write_gguf_of_unknown_architecture
 from miniplm.config import load_config
 from miniplm.data.shards import PackedCorpus
 from miniplm.scoring.plan import padding_fraction, plan_batches, plan_parts
@@ -103,15 +103,7 @@ def test_out_of_memory_halves_the_batch(tiny_model_dir, prepared_corpus, tmp_pat
 
 
 def test_refuses_a_model_with_another_tokenizer(prepared_corpus, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["other words entirely"] * 10, trainers.BpeTrainer(vocab_size=280, special_tokens=["</s>"]))
-    other_tok = tmp_path / "other-tok"
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(other_tok)
-    model = save_tiny_llama(tmp_path / "m", other_tok)
+    model = save_tiny_llama(tmp_path / "m", save_other_tokenizer(tmp_path / "other-tok"))
     with pytest.raises(ValueError, match="tokenizer mismatch: model .* but corpus .* was packed with"):
         run(model, prepared_corpus, tmp_path / "s")
 
@@ -135,15 +127,7 @@ def test_refuses_pickled_weights_and_unsupported_gguf(tmp_path, tiny_model_dir):
     with pytest.raises(OSError, match="could not load model"):
         load_causal_lm(str(pickled))
 
-    gguf = pytest.importorskip("gguf")
-    path = tmp_path / "odd.gguf"
-    writer = gguf.GGUFWriter(str(path), arch="fooarch")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_gguf_of_unknown_architecture(tmp_path / "odd.gguf")
     with pytest.raises(ValueError, match="transformers reads GGUF files of these architectures: .*llama"):
         load_causal_lm(str(path))
 
