@@ -85,8 +85,9 @@ def render(results: Path) -> str:
             "| model | " + " | ".join([hq, *other]) + " |", "|---" * (1 + 1 + len(other)) + "|"]
     for who in ("unigram", "teacher"):
         if who in points:
-            out.append(f"| {who} | {points[who]['loss_per_token']:.4f} | "
-                       + " | ".join(f"{other[s][who]['loss_per_token']:.4f}" for s in other) + " |")
+            cells = [who, f"{points[who]['loss_per_token']:.4f}"]
+            cells += [f"{other[s][who]['loss_per_token']:.4f}" for s in other]
+            out.append("| " + " | ".join(cells) + " |")
     out.append("")
 
     rows: dict[str, dict] = {}
@@ -108,18 +109,18 @@ def render(results: Path) -> str:
     out += ["### Students: held-out loss and zero-shot accuracy (the paper's Table 1 layout)", "",
             "Loss per token of the student's own tokenizer on the final step; tasks: acc_norm where the task has "
             "it, else acc, in %. `a ± b`: mean ± sample std over seeds (n in the seeds column).", "",
-            "| student | model | data | KD | seeds | params | tokens | loss " + hq + " | loss "
-            + " / ".join(other) + " | " + " | ".join(task_names) + " | Avg. |",
-            "|---" * (9 + len(task_names) + 1) + "|"]
+            "| " + " | ".join(["student", "model", "data", "KD", "seeds", "params", "tokens", f"loss {hq}",
+                                *[f"loss {s}" for s in other], *task_names, "Avg."]) + " |",
+            "|---" * (8 + len(other) + len(task_names) + 1) + "|"]
     for group, names in groups.items():
         first = rows[names[0]]
         spec, manifest = first["spec"], first["manifest"]
         hq_losses = [rows[n]["curve"][-1]["loss_per_token"] for n in names if rows[n]["curve"]]
-        mix_losses = [rows[n]["splits"][s]["loss_per_token"] for n in names for s in other if s in rows[n]["splits"]]
         cells = [group, spec.get("model", "?") + (f" ({spec['tokenizer']})" if spec.get("tokenizer") else ""),
                  spec.get("data", "?"), spec.get("kd", "none"), str(len(names)),
-                 f"{manifest['model']['parameters'] / 1e6:.1f}M", f"{manifest['tokens']:,}",
-                 _mean_std(hq_losses), _mean_std(mix_losses)]
+                 f"{manifest['model']['parameters'] / 1e6:.1f}M", f"{manifest['tokens']:,}", _mean_std(hq_losses)]
+        cells += [_mean_std([rows[n]["splits"][s]["loss_per_token"] for n in names if s in rows[n]["splits"]])
+                  for s in other]
         for task in task_names:
             values = [100 * rows[n]["tasks"]["tasks"][task]["value"] for n in names
                       if task in rows[n]["tasks"].get("tasks", {})]
