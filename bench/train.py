@@ -22,7 +22,7 @@ from flops import forward_flops_per_token, mfu_line
 from miniplm.allocator import keep_freed_memory
 from miniplm.config import load_config
 from miniplm.data.shards import PackedCorpus
-from miniplm.training.train import TrainConfig, _build_model, train
+from miniplm.training.train import TrainConfig, build_model, train
 
 
 def miniplm_speed(args, out: Path) -> float:
@@ -44,7 +44,7 @@ def trainer_speed(args, out: Path) -> float:
     split = corpus.split("train")
     tokenizer = corpus.load_tokenizer()
     config = load_config(TrainConfig, None, {"corpus": args.corpus, "model": args.model})
-    model = _build_model(config, corpus, tokenizer)
+    model = build_model(config, corpus, tokenizer)
     eos = corpus.eos_id
 
     class Instances(torch.utils.data.Dataset):
@@ -113,7 +113,7 @@ def main() -> None:
     print(f"| HF Trainer | {theirs:,.0f} |")
     print(f"| ratio | {ours / theirs:.2f}x |")
     corpus = PackedCorpus(args.corpus)
-    model = _build_model(load_config(TrainConfig, None, {"corpus": args.corpus, "model": args.model}), corpus,
+    model = build_model(load_config(TrainConfig, None, {"corpus": args.corpus, "model": args.model}), corpus,
                          corpus.load_tokenizer())
     lengths = corpus.split("train").table.column("n_tokens").to_numpy()[: args.steps * args.batch_size]
     per_token = 3 * forward_flops_per_token(model, mean_context=float(lengths.mean()))  # forward + backward

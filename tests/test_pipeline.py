@@ -53,6 +53,8 @@ def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, 
     # ... Vanilla KD cut to equal FLOPs, its teacher forward counted in its compute
     assert manifests["kd"]["steps"] < manifests["no-kd"]["steps"]
     assert manifests["kd"]["teacher"]["parameters"] > 0
+    kd_curve = (out / "students" / "kd" / "eval.jsonl").read_text().splitlines()
+    assert len(kd_curve) >= 3  # held-out points spread over its FLOP-matched steps, enough for a fit
     curve = [json.loads(x) for x in (out / "students" / "miniplm" / "eval.jsonl").read_text().splitlines()]
     assert len(curve) >= 3 and curve[-1]["step"] == manifests["miniplm"]["steps"]
     tasks = json.loads((out / "students" / "no-kd" / "eval_tasks.json").read_text())["tasks"]

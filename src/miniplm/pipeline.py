@@ -227,7 +227,7 @@ class Pipeline:
 
     def student_train_config(self, student: StudentConfig):
         from miniplm.data.shards import PackedCorpus
-        from miniplm.training.train import TrainConfig, planned_steps
+        from miniplm.training.train import TrainConfig, flop_matched_steps, planned_steps
 
         settings = {**self.config.train, **student.train, "model": student.model}
         if student.kd == "vanilla":
@@ -238,7 +238,11 @@ class Pipeline:
                  "eval_corpus": str(self.corpus), "eval_split": self.config.eval.split,
                  "eval_max_instances": self.config.eval.max_instances}
         cfg = self._stage_config(TrainConfig, settings, fixed, f"students.{student.name}")
-        steps = planned_steps(cfg, PackedCorpus(cfg.corpus).split("train"))
+        corpus = PackedCorpus(cfg.corpus)
+        steps = planned_steps(cfg, corpus.split("train"))
+        if cfg.kd == "vanilla" and cfg.match_flops:  # as many held-out points as the others get
+            teacher = json.loads((self.scores["teacher"] / "manifest.json").read_text())["model"]["parameters"]
+            steps = flop_matched_steps(steps, _parameters(cfg, corpus), teacher)
         cfg.eval_every = max(1, steps // self.config.eval.points)
         return cfg
 
@@ -333,6 +337,12 @@ class Pipeline:
                          "compute_saving": run.get("compute_saving")})
         return {"students": rows, "reference_points": points, "report": str(self.report / "report.md"),
                 "baseline": report["baseline"]}
+
+
+def _parameters(config, corpus) -> int:
+    from miniplm.training.train import build_model
+
+    return sum(p.numel() for p in build_model(config, corpus, corpus.load_tokenizer()).parameters())
 
 
 def _tokens(corpus: Path) -> int:

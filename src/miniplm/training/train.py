@@ -139,6 +139,12 @@ def masked_loss(logits: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor, 
     return loss, keep.sum()
 
 
+def flop_matched_steps(steps: int, n_student: int, n_teacher: int) -> int:
+    """The paper's equal-FLOPs rule for online KD: T * 3Ns / (3Ns + Nt) (the teacher's forward is Nt/3Ns of a
+    student step's cost)."""
+    return max(1, math.floor(steps * 3 * n_student / (3 * n_student + n_teacher)))
+
+
 def planned_steps(config: TrainConfig, split: PackedSplit) -> int:
     if config.max_steps is not None:
         return config.max_steps
@@ -148,7 +154,7 @@ def planned_steps(config: TrainConfig, split: PackedSplit) -> int:
     return max(1, math.ceil(tokens / per_step))
 
 
-def _build_model(config: TrainConfig, corpus: PackedCorpus, tokenizer):
+def build_model(config: TrainConfig, corpus: PackedCorpus, tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     max_len = corpus.manifest["max_len"]
@@ -215,14 +221,14 @@ def train(config: TrainConfig, log=print) -> dict:
         write_json_atomic(run_file, {"key": key, "config": to_dict(config)})
     distributed.barrier()
 
-    model = _build_model(config, corpus, tokenizer).to(device)
+    model = build_model(config, corpus, tokenizer).to(device)
     total_steps = planned_steps(config, split)
     n_params = sum(p.numel() for p in model.parameters())
     teacher = _load_teacher(config, corpus, tokenizer, device) if config.kd == "vanilla" else None
     n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
     if teacher is not None and config.match_flops:
         full = total_steps
-        total_steps = max(1, math.floor(full * 3 * n_params / (3 * n_params + n_teacher)))
+        total_steps = flop_matched_steps(full, n_params, n_teacher)
         log(f"train: --match-flops: {full} steps -> {total_steps} (student {n_params / 1e6:.1f}M, teacher "
             f"{n_teacher / 1e6:.1f}M: the teacher's forward costs the difference)")
     peak_lr = config.lr if config.lr is not None else PRESETS.get(config.model, SIZES["mini"]).lr
