@@ -105,7 +105,6 @@ class Pipeline:
         self.scores = {"teacher": self.out / "scores" / "teacher", "reference": self.out / "scores" / "reference"}
         self.seqkd = self.out / "seqkd"
         self.report = self.out / "report"
-        self._stage_index = 0
 
     def selection(self, name: str) -> Path:
         return self.out / "selections" / name
