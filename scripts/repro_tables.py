@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, read_curve
+from miniplm.report import cost_rows
 
 STUDENT_FILES = ("eval.jsonl", "metrics.jsonl", "eval_tasks.json", "eval_splits.json", "manifest.json")
 STAGE_FILES = {"scores/teacher": ("manifest.json",), "scores/reference": ("manifest.json",),
@@ -196,22 +197,10 @@ def render(results: Path) -> str:
                     f"-(teacher loss) {corr:.3f} (near 1: the reference adds little beyond teacher-perplexity "
                     f"selection).", ""]
 
-    costs = []
-    for stage, label in (("scores/teacher", "score with the teacher"), ("scores/reference", "score with the "
-                         "reference"), ("reference", "train the reference (D_ref)"), ("seqkd", "generate SeqKD")):
-        m = _json(results / stage / "manifest.json")
-        if not m:
-            continue
-        if stage == "reference":
-            n, d, flops = m["model"]["parameters"], m["tokens"], 6 * m["model"]["parameters"] * m["tokens"]
-        elif stage == "seqkd":
-            n = m.get("model", {}).get("parameters", 0)
-            d = m.get("generated_tokens", 0)
-            flops = 2 * n * m["splits"]["train"]["tokens"]
-        else:
-            n, d = m["model"]["parameters"], m["tokens_scored"]
-            flops = 2 * n * d
-        costs.append(f"| {label} | {n / 1e6:.1f}M | {d:,} | {flops:.3g} | {m.get('wall_seconds', '-')} |")
+    stages = [results / stage for stage in ("scores/teacher", "scores/reference", "reference", "seqkd")]
+    costs = [f"| {r['stage']} | {r['parameters'] / 1e6:.1f}M | {r['tokens']:,} | {r['flops']:.3g} | "
+             f"{r['seconds'] if r['seconds'] is not None else '-'} |"
+             for r in cost_rows([p for p in stages if (p / "manifest.json").is_file()])]
     if costs:
         out += ["### Offline costs (kept apart from training compute, as the paper)", "",
                 "| stage | parameters | tokens | FLOPs | wall seconds (2 CPU cores) |", "|---|---|---|---|---|",

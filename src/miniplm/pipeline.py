@@ -13,6 +13,7 @@ configs' own keys (see `miniplm <stage> --help`), given as mappings in the YAML.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -224,6 +225,11 @@ class Pipeline:
             "format": "tokens", "tokenizer": student.tokenizer, "output": str(self.data(student))})
         export(cfg, force=self.force, log=log)
 
+    @functools.cached_property
+    def smallest_student_corpus(self) -> int:
+        """Tokens of the smallest student corpus: every student's default budget (read once, after export)."""
+        return min(_tokens(self.data(s)) for s in self.config.students)
+
     def student_train_config(self, student: StudentConfig):
         from miniplm.data.shards import PackedCorpus
         from miniplm.training.train import TrainConfig, flop_matched_steps, planned_steps
@@ -232,7 +238,7 @@ class Pipeline:
         if student.kd == "vanilla":
             settings = {"match_flops": True, **settings, "kd": "vanilla", "teacher": self.config.teacher}
         if settings.get("max_tokens") is None and settings.get("max_steps") is None:
-            settings["max_tokens"] = min(_tokens(self.data(s)) for s in self.config.students)
+            settings["max_tokens"] = self.smallest_student_corpus
         fixed = {"corpus": str(self.data(student)), "split": "train", "output": str(self.student(student.name)),
                  "eval_corpus": str(self.corpus), "eval_split": self.config.eval.split,
                  "eval_max_instances": self.config.eval.max_instances}

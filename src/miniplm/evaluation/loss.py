@@ -158,6 +158,7 @@ def evaluate_loss(config: EvalLossConfig, log=print) -> dict:
     if is_run:
         curve = {row["step"]: row for row in map(json.loads, (target / "metrics.jsonl").read_text().splitlines())}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = _teacher_parameters(target) if is_run else 0
     rows = []
     for step, directory in points:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True).to(device)
@@ -167,7 +168,6 @@ def evaluate_loss(config: EvalLossConfig, log=print) -> dict:
         row.update(heldout_loss(model, tokenizer, heldout, config.precision, config.batch_tokens, config.progress))
         if is_run:
             tokens = curve.get(step, {}).get("tokens")
-            teacher = _teacher_parameters(target)
             params = sum(p.numel() for p in model.parameters())
             row.update(tokens=tokens, parameters=params,
                        flops=training_flops(params, tokens, teacher) if tokens is not None else None)
