@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--head-chunk", type=int, default=None, help="positions per output-layer chunk "
                         "(default: miniplm's, 256 on CPU and 4096 on GPU)")
     parser.add_argument("--skip-naive", action="store_true", help="leave out (i), the slowest")
+    parser.add_argument("--eager-head", action="store_true",
+                        help="the output layer's log-softmax in eager mode (miniplm compiles it by default)")
     parser.add_argument("--compile", action="store_true",
                         help="miniplm with a torch.compile'd backbone (dynamic shapes; compiled during the warm-up)")
     args = parser.parse_args()
@@ -128,7 +130,8 @@ def main() -> None:
     model = load_causal_lm(args.model, device=device)
     dtype = resolve_precision(args.precision, device)
     head_chunk = args.head_chunk or (4096 if device.type == "cuda" else 256)
-    scorer = LogProbScorer(model, {corpus.eos_id}, dtype, head_chunk, log=lambda m: None)
+    scorer = LogProbScorer(model, {corpus.eos_id}, dtype, head_chunk, log=print,
+                           compile_head=not args.eager_head)
 
     if args.compile:
         scorer.backbone = torch.compile(scorer.backbone, dynamic=True)

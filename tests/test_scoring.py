@@ -192,3 +192,15 @@ def test_ray_executor_gives_the_same_rows(tiny_model_dir, prepared_corpus, tmp_p
     a, b = read_scores(tmp_path / "single"), read_scores(tmp_path / "ray")
     assert a.column("instance_id").equals(b.column("instance_id"))
     assert np.abs(a.column("logp_sum").to_numpy() - b.column("logp_sum").to_numpy()).max() < 1e-5
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_output_layer_equals_eager(tiny_model_dir, prepared_corpus, tmp_path, precision):
+    """compile_head (the default) fuses the output layer's log-softmax: the same scores as eager."""
+    per_token = []
+    for compile_head in (False, True):
+        run(tiny_model_dir, prepared_corpus, tmp_path / str(compile_head), precision=precision,
+            compile_head=compile_head, batch_tokens=300)
+        table = read_scores(tmp_path / str(compile_head))
+        per_token.append(table.column("logp_sum").to_numpy() / table.column("n_scored").to_numpy())
+    assert np.abs(per_token[0] - per_token[1]).max() < 1e-5

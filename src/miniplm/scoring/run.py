@@ -61,6 +61,10 @@ class ScoreConfig:
     head_chunk_tokens: int | None = option(
         None, "positions per output-layer chunk, bounding the [tokens, vocab] logits (null: 256 on CPU, "
         "where small chunks stay in cache, 4096 on GPU)")
+    compile_head: bool = option(
+        True, "compile the output layer's log-softmax into one fused kernel with torch.compile (a few seconds "
+        "at start, then ~10% faster on a CPU; falls back to eager, with a message, where compiling fails: no "
+        "C++ compiler on a CPU, no Triton on a GPU)")
     part_tokens: int = option(1 << 18, "tokens per output part: the unit of resume and of work across workers")
     max_instances: int | None = option(None, "score only the first N instances of the split (quick runs)")
     threads: int | None = option(None, "torch CPU threads (null: torch's default)")
@@ -70,7 +74,7 @@ class ScoreConfig:
     progress: bool = option(True, "show a progress bar")
 
     # fields that change how the work runs, not the scores (beyond float tolerance) or their layout
-    NOT_HASHED = ("output", "batch_tokens", "head_chunk_tokens", "threads", "executor", "ray_address",
+    NOT_HASHED = ("output", "batch_tokens", "head_chunk_tokens", "compile_head", "threads", "executor", "ray_address",
                   "ray_actors", "progress", "device", "trust_remote_code")
 
     def validate(self) -> None:
@@ -137,7 +141,8 @@ def build_scorer(config: ScoreConfig, corpus: PackedCorpus, local_rank: int = 0,
     if model_tokenizer.pad_token_id is not None:
         masked.add(int(model_tokenizer.pad_token_id))
     head_chunk = config.head_chunk_tokens or (4096 if device.type == "cuda" else 256)
-    scorer = LogProbScorer(model, masked, resolve_precision(config.precision, device), head_chunk, log)
+    scorer = LogProbScorer(model, masked, resolve_precision(config.precision, device), head_chunk, log,
+                           compile_head=config.compile_head)
     return scorer, model, context_length(model)
 
 

@@ -9,7 +9,10 @@ positions, and n_scored.
 Speed without approximation: the backbone runs once on a right-padded batch; only the scored positions'
 hidden states go through the output layer, a chunk of positions at a time, so the [tokens, vocab] logits
 exist for one chunk only. log-softmax is taken in fp32 and the per-instance sum in fp64, whatever the
-autocast dtype of the matmuls.
+autocast dtype of the matmuls. The output layer's low-precision weight is cast once, not per chunk
+(autocast keeps no cast cache under inference_mode), and its log-softmax can be compiled into one fused
+pass over the logits (`compile_head`; the eager version reads and writes the [chunk, vocab] logits about
+seven times).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class LogProbScorer:
         autocast_dtype: torch.dtype | None = None,
         head_chunk_tokens: int = 256,
         log: Callable[[str], None] = print,
+        compile_head: bool = False,
     ):
         self.model = model
         self.device = next(model.parameters()).device
@@ -48,6 +52,28 @@ class LogProbScorer:
         self.chunked_head = self.head is not None and self._chunked_head_matches_model()
         if not self.chunked_head:
             log(f"{type(model).__name__}: its logits are not lm_head(hidden states); scoring from full logits")
+        self.head_logp = _head_logp
+        if self.chunked_head:
+            dtype = autocast_dtype or self.head.weight.dtype
+            self.head_weight = self.head.weight.detach().to(dtype)
+            bias = getattr(self.head, "bias", None)
+            self.head_bias = bias.detach().to(dtype) if bias is not None else None
+            if compile_head:
+                self.head_logp = self._compiled_head_logp()
+
+    def _compiled_head_logp(self):
+        """torch.compile'd _head_logp (dynamic in the number of positions: one compilation per run), or the
+        eager function, with a log line, where compiling fails (no C++ compiler on a CPU, no Triton)."""
+        compiled = torch.compile(_head_logp, dynamic=True)
+        try:
+            with torch.inference_mode():  # as in _score: tensors made outside it would compile a second time
+                probe = torch.zeros((3, self.head_weight.shape[1]), dtype=self.head_weight.dtype, device=self.device)
+                compiled(probe, self.head_weight, self.head_bias, torch.zeros(3, dtype=torch.long, device=self.device))
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run the same function eagerly
+            self.log(f"compiling the output layer failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                     "scoring with the eager output layer (same results, slower)")
+            return _head_logp
+        return compiled
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -92,17 +118,29 @@ class LogProbScorer:
         scored = real & ~torch.isin(inputs, self.masked_input_ids)
         wanted = targets[scored]
         logp = torch.empty(len(wanted), dtype=torch.float32, device=self.device)
-        # one autocast region per batch: autocast caches the low-precision copy of each weight inside it,
-        # so the weights are cast once per batch, not once per layer call or output-layer chunk
         with self._autocast():
             if self.chunked_head:
                 states = self.backbone(input_ids=inputs, use_cache=False)[0][scored]
             else:
                 states = self.model(input_ids=inputs, use_cache=False).logits[scored]
-            for start in range(0, len(wanted), self.head_chunk_tokens):
-                chunk = slice(start, start + self.head_chunk_tokens)
-                logits = (self.head(states[chunk]) if self.chunked_head else states[chunk]).float()
-                logp[chunk] = logits.gather(1, wanted[chunk, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        for start in range(0, len(wanted), self.head_chunk_tokens):
+            chunk = slice(start, start + self.head_chunk_tokens)
+            if self.chunked_head:
+                logp[chunk] = self.head_logp(states[chunk].to(self.head_weight.dtype), self.head_weight,
+                                             self.head_bias, wanted[chunk])
+            else:
+                logp[chunk] = _logp_of(states[chunk].float(), wanted[chunk])
         per_position = torch.zeros((rows, width), dtype=torch.float64, device=self.device)
         per_position[scored] = logp.double()
         return per_position.sum(1).cpu().numpy(), scored.sum(1).cpu().numpy().astype(np.int64)
+
+
+def _logp_of(logits: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """log-softmax of fp32 logits at the wanted tokens."""
+    return logits.gather(1, wanted[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def _head_logp(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               wanted: torch.Tensor) -> torch.Tensor:
+    """The output layer in the weight's precision (what autocast would run), its log-softmax in fp32."""
+    return _logp_of(torch.nn.functional.linear(states, weight, bias).float(), wanted)
