@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -69,6 +72,21 @@ def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, 
     inputs = {"raw", "teacher", "run.yaml", "cache", "run"}
     assert sorted(p.name for p in tmp_path.iterdir() if p.name not in inputs) == []
     assert not [p for pattern in ("*.tmp", "*.partial", "*.lock") for p in tmp_path.rglob(pattern)]
+
+    # the results document's tables regenerate from the collected small files alone
+    script = Path(__file__).parents[1] / "scripts" / "repro_tables.py"
+    doc = tmp_path / "doc.md"
+    doc.write_text("# prose\n<!-- tables:begin -->\nstale\n<!-- tables:end -->\nmore prose\n")
+    results = tmp_path / "results"
+    for args in (["collect", str(out), str(results)], ["render", str(results), str(doc)]):
+        subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True)
+    assert not list(results.rglob("*.safetensors")) and not list(results.rglob("*.bin"))
+    text = doc.read_text()
+    assert text.startswith("# prose") and text.endswith("more prose\n") and "stale" not in text
+    for name in ("no-kd", "miniplm", "kd"):
+        final = json.loads((out / "students" / name / "eval.jsonl").read_text().splitlines()[-1])
+        assert f"| {name} |" in text and f"{final['loss_per_token']:.4f}" in text
+    assert f"| unigram | {points['unigram']['loss_per_token']:.4f} |" in text
 
     assert main(["run", str(config_file)]) == 0
     second = capsys.readouterr().out
