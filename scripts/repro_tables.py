@@ -141,9 +141,11 @@ def render(results: Path) -> str:
         spec = row["spec"]
         if not spec or spec.get("data") == "all" and spec.get("kd") == "none":
             continue
+        # the no-KD run of the same model, tokenizer and seed suffix (tiny-miniplm-s2 against tiny-no-kd-s2)
+        suffix = name[len(_group(name)):]
         baseline = next((n for n, r in rows.items() if r["spec"].get("model") == spec.get("model")
                          and r["spec"].get("tokenizer") == spec.get("tokenizer") and r["spec"].get("data") == "all"
-                         and r["spec"].get("kd") == "none" and _group(n) == n), None)
+                         and r["spec"].get("kd") == "none" and n[len(_group(n)):] == suffix), None)
         if baseline is None:
             continue
         try:
