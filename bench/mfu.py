@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from flops import forward_flops_per_token, linear_shapes, mfu_line
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from miniplm.scoring.scorer import LogProbScorer
+from miniplm.scoring.scorer import LogProbScorer, default_head_chunk
 
 SHAPES = {
     # SmolLM2-135M(-Instruct): the default teacher
@@ -109,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    head_chunk = args.head_chunk or (4096 if device.type == "cuda" else 256)
+    head_chunk = args.head_chunk or default_head_chunk(device)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"batch {args.rows} x {args.width}, bf16 autocast, head chunk {head_chunk}")
     print("| teacher shape | params | variant | tokens/s | MFU |")

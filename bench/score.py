@@ -27,7 +27,7 @@ from miniplm.allocator import keep_freed_memory
 from miniplm.data.shards import PackedCorpus
 from miniplm.models import load_causal_lm, resolve_precision
 from miniplm.scoring.plan import plan_batches, plan_parts
-from miniplm.scoring.scorer import LogProbScorer
+from miniplm.scoring.scorer import LogProbScorer, default_head_chunk
 
 
 def autocast(dtype, device):
@@ -129,7 +129,7 @@ def main() -> None:
     tokens = sum(len(x) for x in instances)
     model = load_causal_lm(args.model, device=device)
     dtype = resolve_precision(args.precision, device)
-    head_chunk = args.head_chunk or (4096 if device.type == "cuda" else 256)
+    head_chunk = args.head_chunk or default_head_chunk(device)
     scorer = LogProbScorer(model, {corpus.eos_id}, dtype, head_chunk, log=print,
                            compile_head=not args.eager_head)
 

@@ -157,7 +157,8 @@ def render(results: Path) -> str:
         saving = compute_saving(base_fit, fit, target)
         shown = f"{saving:.3g}x" if math.isfinite(saving) and saving > 0 else (
             "never reaches it" if saving == 0 else "only it reaches it" if math.isinf(saving) else "-")
-        if math.isfinite(fit.compute_for(target)) and fit.compute_for(target) > 2 * row["curve"][-1]["flops"]:
+        needed = fit.compute_for(target)
+        if math.isfinite(needed) and needed > 2 * row["curve"][-1]["flops"]:
             shown += " (extrapolated past its last point)"
         out.append(f"| {name} | {baseline} | {row['curve'][-1]['loss_per_token']:.4f} | {fit.A:.4g} | "
                    f"{fit.alpha:.4f} | {fit.L_inf:.4f} | {fit.rmse:.4f} | {shown} |")

@@ -86,8 +86,7 @@ def heldout_loss(model, tokenizer, heldout: HeldOut, precision: str = "auto", ba
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    scorer = LogProbScorer(model, masked, resolve_precision(precision, device),
-                           4096 if device.type == "cuda" else 256, log=lambda m: None)
+    scorer = LogProbScorer(model, masked, resolve_precision(precision, device), log=lambda m: None)
     lengths = np.array([len(x) for x in instances])
     sums = np.zeros(len(instances))
     counts = np.zeros(len(instances), dtype=np.int64)

@@ -26,6 +26,11 @@ import torch
 _OOM = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (torch.cuda.OutOfMemoryError,)
 
 
+def default_head_chunk(device: torch.device) -> int:
+    """Positions per output-layer chunk: small on a CPU, where a chunk's logits stay in cache."""
+    return 4096 if device.type == "cuda" else 256
+
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, _OOM) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
@@ -36,7 +41,7 @@ class LogProbScorer:
         model,
         masked_input_ids: set[int],
         autocast_dtype: torch.dtype | None = None,
-        head_chunk_tokens: int = 256,
+        head_chunk_tokens: int | None = None,
         log: Callable[[str], None] = print,
         compile_head: bool = False,
     ):
@@ -45,7 +50,7 @@ class LogProbScorer:
         self.masked_input_ids = torch.tensor(sorted(masked_input_ids), dtype=torch.long, device=self.device)
         self.pad_id = int(min(masked_input_ids)) if masked_input_ids else 0
         self.autocast_dtype = autocast_dtype
-        self.head_chunk_tokens = head_chunk_tokens
+        self.head_chunk_tokens = head_chunk_tokens or default_head_chunk(self.device)
         self.log = log
         self.backbone = model.base_model
         self.head = model.get_output_embeddings()
