@@ -26,7 +26,7 @@ PY
 timeout 180 python3 bench/score.py --corpus "$assets/corpus" --model /tmp/teacher --instances 640 \
   --batch-tokens 65536 2>&1 | tee "$out/score.txt"
 timeout 120 python3 bench/score.py --corpus "$assets/corpus" --model /tmp/teacher --instances 640 \
-  --batch-tokens 65536 --skip-naive --compile 2>&1 | tee "$out/score_compiled.txt"
+  --batch-tokens 65536 --skip-naive --eager 2>&1 | tee "$out/score_eager.txt"
 timeout 120 python3 bench/train.py --corpus "$assets/corpus" --model qwen2-200m --steps 25 --skip 5 \
   --batch-size 16 2>&1 | tee "$out/train.txt"
 timeout 45 python3 -m miniplm score --model /tmp/teacher --corpus "$assets/corpus" --split heldout \

@@ -4,9 +4,9 @@
 
 For each teacher shape (built from its config with random weights: throughput depends on shapes, not on
 weight values) and a fixed batch of `rows` x `width` random tokens, prints tokens/s and MFU of
-  - LogProbScorer with the eager output layer,
-  - LogProbScorer as `miniplm score` runs it (the output layer's log-softmax compiled),
-  - the same with a `torch.compile`d backbone (dynamic=False; compile time printed),
+  - LogProbScorer eager,
+  - LogProbScorer as `miniplm score` runs it (the output layer's log-softmax and each decoder layer
+    compiled, dynamic shapes; compile time printed),
 and the ceiling: the time of the model's matmuls alone (every linear layer at its shape, attention's
 scores and values through SDPA) with nothing else, the MFU the scorer would reach if all else were free.
 """
@@ -85,16 +85,12 @@ def bench_shape(name: str, args, device, dtype, head_chunk: int) -> None:
         mfu = mfu.split("= ")[-1] if "=" in mfu else "-"
         print(f"| {name} | {params} | {variant} | {tokens / seconds:,.0f} | {mfu} |", flush=True)
 
-    for label, compile_head in [("eager", False), ("compiled head (miniplm score's default)", True)]:
-        scorer = LogProbScorer(model, {0}, dtype, head_chunk, log=print, compile_head=compile_head)
-        row(label, seconds_per_call(lambda s=scorer: s.score(batch), device, args.batches))
-    if not args.skip_compiled_backbone:
+    for label, compile in [("eager", False), ("compiled (miniplm score's default)", True)]:
         start = time.perf_counter()
-        scorer.backbone = torch.compile(scorer.backbone, dynamic=False)  # one fixed shape here
+        scorer = LogProbScorer(model, {0}, dtype, head_chunk, log=print, compile=compile)
         scorer.score(batch)
-        compile_seconds = time.perf_counter() - start
-        row(f"+ compiled backbone ({compile_seconds:.0f} s to compile)",
-            seconds_per_call(lambda: scorer.score(batch), device, args.batches))
+        setup = f" ({time.perf_counter() - start:.0f} s to compile)" if compile else ""
+        row(label + setup, seconds_per_call(lambda s=scorer: s.score(batch), device, args.batches))
     row("ceiling: its matmuls and attention alone", ceiling_seconds(model, dtype, device, args.rows, args.width, 3))
 
 
@@ -105,7 +101,6 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--batches", type=int, default=10, help="timed batches per variant")
     parser.add_argument("--head-chunk", type=int, default=None, help="default: miniplm's (4096 GPU, 256 CPU)")
-    parser.add_argument("--skip-compiled-backbone", action="store_true")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

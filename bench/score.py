@@ -8,7 +8,8 @@ Prints a markdown table of tokens/s for
         it, and in the same autocast precision as the others;
   (ii)  padded: batches of 16 in stored order padded to their longest, full logits, fp32 cross-entropy
         over the whole vocabulary (the reference implementation's shape);
-  (iii) miniplm: LogProbScorer on length-sorted token-budget batches, chunked output layer;
+  (iii) miniplm: LogProbScorer on length-sorted token-budget batches, chunked output layer, compiled
+        layers (as `miniplm score` runs it; `--eager` without torch.compile);
 and the machine's matmul throughput at the model's shapes, the tokens/s bound it implies, and miniplm's
 fraction of that bound. All use the same thread count and instances, and (but for plain (i)) precision.
 """
@@ -112,10 +113,10 @@ def main() -> None:
     parser.add_argument("--head-chunk", type=int, default=None, help="positions per output-layer chunk "
                         "(default: miniplm's, 256 on CPU and 4096 on GPU)")
     parser.add_argument("--skip-naive", action="store_true", help="leave out (i), the slowest")
-    parser.add_argument("--eager-head", action="store_true",
-                        help="the output layer's log-softmax in eager mode (miniplm compiles it by default)")
-    parser.add_argument("--compile", action="store_true",
-                        help="miniplm with a torch.compile'd backbone (dynamic shapes; compiled during the warm-up)")
+    parser.add_argument("--eager", action="store_true",
+                        help="miniplm without torch.compile (`miniplm score --compile false`)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's top operators over miniplm's pass")
     args = parser.parse_args()
 
     if args.threads:
@@ -130,12 +131,6 @@ def main() -> None:
     model = load_causal_lm(args.model, device=device)
     dtype = resolve_precision(args.precision, device)
     head_chunk = args.head_chunk or default_head_chunk(device)
-    scorer = LogProbScorer(model, {corpus.eos_id}, dtype, head_chunk, log=print,
-                           compile_head=not args.eager_head)
-
-    if args.compile:
-        scorer.backbone = torch.compile(scorer.backbone, dynamic=True)
-    miniplm(scorer, instances[: 64 if args.compile else 2], args.batch_tokens)  # warm-up (and compilation)
     results = {}
     if not args.skip_naive:
         results["(i) naive, one document per forward, fp32 (plain usage)"] = timed(
@@ -145,7 +140,12 @@ def main() -> None:
                 lambda: naive(model, instances, corpus.eos_id, dtype, device))
     results["(ii) padded batch of 16, full logits"] = timed(
         lambda: padded(model, instances, corpus.eos_id, dtype, device))
-    label = "(iii) miniplm" + (", compiled backbone" if args.compile else "")
+    # after the baselines: compiling changes the model's layers in place
+    start = time.perf_counter()
+    scorer = LogProbScorer(model, {corpus.eos_id}, dtype, head_chunk, log=print, compile=not args.eager)
+    miniplm(scorer, instances[:2], args.batch_tokens)  # warm-up
+    print(f"miniplm set-up and warm-up (compilation included): {time.perf_counter() - start:.1f} s")
+    label = "(iii) miniplm" + (", eager" if args.eager else "")
     results[label] = timed(lambda: miniplm(scorer, instances, args.batch_tokens))
     # the bound at a batch's token count (on a CPU at most 4,096 rows: its rate is flat past that, and it saves time)
     flops = matmul_bound(model, dtype, device, tokens=args.batch_tokens if device.type == "cuda" else
@@ -155,6 +155,12 @@ def main() -> None:
     speed = {k: tokens / v for k, v in results.items()}
     ours = list(speed.values())[-1]
 
+    if args.profile:
+        from torch.profiler import profile
+
+        with profile() as prof:
+            miniplm(scorer, instances, args.batch_tokens)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     n_docs = len(documents(instances, corpus.eos_id))
     print(f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M), "
           f"{len(instances)} instances, {tokens:,} tokens (mean {tokens / len(instances):.0f}), {n_docs} documents "

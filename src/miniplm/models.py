@@ -79,6 +79,18 @@ def context_length(model) -> int | None:
     return None
 
 
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's repeated blocks: modules of the classes transformers names in `_no_split_modules` (the
+    unit it never splits across devices), outermost only (Mamba names its mixer inside its block too)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers, prefixes = [], []
+    for name, module in model.named_modules():
+        if type(module).__name__ in names and not any(name.startswith(p) for p in prefixes):
+            layers.append(module)
+            prefixes.append(name + ".")
+    return layers
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device` (None: plain fp32)."""
     if precision not in PRECISIONS:

@@ -57,14 +57,14 @@ class ScoreConfig:
         "auto", "autocast dtype of the matmuls (auto: bf16 where the CPU/GPU supports it, else fp16/fp32); "
         "log-softmax is fp32 and sums fp64 in every case")
     device: str = option("auto", "auto (cuda when available), cpu, cuda, cuda:N")
-    batch_tokens: int = option(16384, "padded tokens per forward pass (rows x longest instance)")
+    batch_tokens: int = option(16384, "padded tokens per forward pass (rows x padded width)")
     head_chunk_tokens: int | None = option(
         None, "positions per output-layer chunk, bounding the [tokens, vocab] logits (null: 256 on CPU, "
         "where small chunks stay in cache, 4096 on GPU)")
-    compile_head: bool = option(
-        True, "compile the output layer's log-softmax into one fused kernel with torch.compile (a few "
-        "seconds at start; ~9% faster on an H200 batch, within noise end to end on a 2-core CPU; falls back "
-        "to eager, with a message, where compiling fails: no C++ compiler on a CPU, no Triton on a GPU)")
+    compile: bool = option(
+        True, "torch.compile the output layer's log-softmax and each decoder layer (one compilation for all "
+        "layers, ~6 s at start on a CPU; +2-3% end to end on a 2-core CPU, not yet measured on a GPU); falls "
+        "back to eager, with a message, where compiling fails: no C++ compiler on a CPU, no Triton on a GPU")
     part_tokens: int = option(1 << 18, "tokens per output part: the unit of resume and of work across workers")
     max_instances: int | None = option(None, "score only the first N instances of the split (quick runs)")
     threads: int | None = option(None, "torch CPU threads (null: torch's default)")
@@ -74,7 +74,7 @@ class ScoreConfig:
     progress: bool = option(True, "show a progress bar")
 
     # fields that change how the work runs, not the scores (beyond float tolerance) or their layout
-    NOT_HASHED = ("output", "batch_tokens", "head_chunk_tokens", "compile_head", "threads", "executor", "ray_address",
+    NOT_HASHED = ("output", "batch_tokens", "head_chunk_tokens", "compile", "threads", "executor", "ray_address",
                   "ray_actors", "progress", "device", "trust_remote_code")
 
     def validate(self) -> None:
@@ -141,7 +141,7 @@ def build_scorer(config: ScoreConfig, corpus: PackedCorpus, local_rank: int = 0,
     if model_tokenizer.pad_token_id is not None:
         masked.add(int(model_tokenizer.pad_token_id))
     scorer = LogProbScorer(model, masked, resolve_precision(config.precision, device), config.head_chunk_tokens, log,
-                           compile_head=config.compile_head)
+                           compile=config.compile)
     return scorer, model, context_length(model)
 
 

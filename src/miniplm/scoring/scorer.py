@@ -10,9 +10,15 @@ Speed without approximation: the backbone runs once on a right-padded batch; onl
 hidden states go through the output layer, a chunk of positions at a time, so the [tokens, vocab] logits
 exist for one chunk only. log-softmax is taken in fp32 and the per-instance sum in fp64, whatever the
 autocast dtype of the matmuls. The output layer's low-precision weight is cast once, not per chunk
-(autocast keeps no cast cache under inference_mode), and its log-softmax can be compiled into one fused
-pass over the logits (`compile_head`; the eager version reads and writes the [chunk, vocab] logits about
-seven times).
+(autocast keeps no cast cache under inference_mode).
+
+Every batch is padded to `plan.padded_width` of its longest instance, so an instance scored in batches of
+one padded width (what `plan_batches` makes) gets the same shapes, and on a CPU the same bits, whatever
+the batch size or the other rows.
+
+`compile=True` fuses what lies between the matmuls with torch.compile: the output layer's log-softmax (the
+eager version reads and writes the [chunk, vocab] logits about seven times) and each decoder layer's norms,
+rotary embedding and activations (one compilation, dynamic in the batch shape, serves every layer).
 """
 
 from __future__ import annotations
@@ -23,12 +29,18 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from miniplm.models import context_length, decoder_layers
+from miniplm.scoring.plan import padded_width
+
 _OOM = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (torch.cuda.OutOfMemoryError,)
 
 
 def default_head_chunk(device: torch.device) -> int:
     """Positions per output-layer chunk: small on a CPU, where a chunk's logits stay in cache."""
     return 4096 if device.type == "cuda" else 256
+
+
+WIDTH_PROBE = 32  # positions of the batch that compiles the model
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -43,7 +55,7 @@ class LogProbScorer:
         autocast_dtype: torch.dtype | None = None,
         head_chunk_tokens: int | None = None,
         log: Callable[[str], None] = print,
-        compile_head: bool = False,
+        compile: bool = False,
     ):
         self.model = model
         self.device = next(model.parameters()).device
@@ -52,33 +64,43 @@ class LogProbScorer:
         self.autocast_dtype = autocast_dtype
         self.head_chunk_tokens = head_chunk_tokens or default_head_chunk(self.device)
         self.log = log
+        self.max_width = context_length(model)
         self.backbone = model.base_model
         self.head = model.get_output_embeddings()
         self.chunked_head = self.head is not None and self._chunked_head_matches_model()
         if not self.chunked_head:
             log(f"{type(model).__name__}: its logits are not lm_head(hidden states); scoring from full logits")
         self.head_logp = _head_logp
+        self.min_rows = 1
         if self.chunked_head:
             dtype = autocast_dtype or self.head.weight.dtype
             self.head_weight = self.head.weight.detach().to(dtype)
             bias = getattr(self.head, "bias", None)
             self.head_bias = bias.detach().to(dtype) if bias is not None else None
-            if compile_head:
-                self.head_logp = self._compiled_head_logp()
+        if compile:
+            self._compile()
 
-    def _compiled_head_logp(self):
-        """torch.compile'd _head_logp (dynamic in the number of positions: one compilation per run), or the
-        eager function, with a log line, where compiling fails (no C++ compiler on a CPU, no Triton)."""
-        compiled = torch.compile(_head_logp, dynamic=True)
+    def _compile(self) -> None:
+        """torch.compile the output layer's log-softmax and, in place (nn.Module.compile, the state dict
+        unchanged), each decoder layer; both dynamic in the batch shape. Compiled on a probe batch, so that a
+        failure (no C++ compiler on a CPU, no Triton on a GPU) shows here: then eager, with a message."""
+        layers = decoder_layers(self.model)
+        for layer in layers:
+            layer.compile(dynamic=True)
+        if self.chunked_head:
+            self.head_logp = torch.compile(_head_logp, dynamic=True)
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        self.min_rows = 2  # see _score
         try:
-            with torch.inference_mode():  # as in _score: tensors made outside it would compile a second time
-                probe = torch.zeros((3, self.head_weight.shape[1]), dtype=self.head_weight.dtype, device=self.device)
-                compiled(probe, self.head_weight, self.head_bias, torch.zeros(3, dtype=torch.long, device=self.device))
-        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run the same function eagerly
-            self.log(f"compiling the output layer failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                     "scoring with the eager output layer (same results, slower)")
-            return _head_logp
-        return compiled
+            self._score([np.arange(WIDTH_PROBE + 1) % vocab])
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run the same code eagerly
+            for layer in layers:
+                layer._compiled_call_impl = None  # what nn.Module.compile set: back to the eager forward
+            self.head_logp, self.min_rows = _head_logp, 1
+            self.log(f"compiling the model failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                     "scoring eagerly (same results, slower)")
+            return
+        self.log(f"compiled {len(layers)} decoder layers" + (" and the output layer" if self.chunked_head else ""))
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -112,9 +134,13 @@ class LogProbScorer:
     @torch.inference_mode()
     def _score(self, instances: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         rows = len(instances)
-        width = max(len(x) for x in instances) - 1
-        tokens = torch.full((rows, width + 1), self.pad_id, dtype=torch.long)
-        real = torch.zeros((rows, width), dtype=torch.bool)
+        width = int(padded_width(max(len(x) for x in instances)))
+        if self.max_width:
+            width = min(width, self.max_width)
+        # Compiled code specializes on sizes of 1 (its own graph, its own kernels: other bits), so a compiled
+        # model gets at least two rows (a padding row, nothing scored) and output-layer chunks of 2+ positions.
+        tokens = torch.full((max(rows, self.min_rows), width + 1), self.pad_id, dtype=torch.long)
+        real = torch.zeros((len(tokens), width), dtype=torch.bool)
         for i, x in enumerate(instances):
             tokens[i, : len(x)] = torch.from_numpy(x.astype(np.int64))
             real[i, : len(x) - 1] = True
@@ -128,16 +154,19 @@ class LogProbScorer:
                 states = self.backbone(input_ids=inputs, use_cache=False)[0][scored]
             else:
                 states = self.model(input_ids=inputs, use_cache=False).logits[scored]
-        for start in range(0, len(wanted), self.head_chunk_tokens):
-            chunk = slice(start, start + self.head_chunk_tokens)
+        starts = list(range(0, len(wanted), self.head_chunk_tokens))
+        if len(starts) > 1 and len(wanted) - starts[-1] == 1:
+            starts[-1] -= 1  # no chunk of one position
+        for start, end in zip(starts, [*starts[1:], len(wanted)]):
             if self.chunked_head:
-                logp[chunk] = self.head_logp(states[chunk].to(self.head_weight.dtype), self.head_weight,
-                                             self.head_bias, wanted[chunk])
+                logp[start:end] = self.head_logp(states[start:end].to(self.head_weight.dtype), self.head_weight,
+                                                 self.head_bias, wanted[start:end])
             else:
-                logp[chunk] = _logp_of(states[chunk].float(), wanted[chunk])
-        per_position = torch.zeros((rows, width), dtype=torch.float64, device=self.device)
+                logp[start:end] = _logp_of(states[start:end].float(), wanted[start:end])
+        per_position = torch.zeros(scored.shape, dtype=torch.float64, device=self.device)
         per_position[scored] = logp.double()
-        return per_position.sum(1).cpu().numpy(), scored.sum(1).cpu().numpy().astype(np.int64)
+        sums, counts = per_position.sum(1)[:rows], scored.sum(1)[:rows]
+        return sums.cpu().numpy(), counts.cpu().numpy().astype(np.int64)
 
 
 def _logp_of(logits: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
