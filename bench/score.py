@@ -28,7 +28,7 @@ from miniplm.allocator import keep_freed_memory
 from miniplm.data.shards import PackedCorpus
 from miniplm.models import load_causal_lm, resolve_precision
 from miniplm.scoring.plan import plan_batches, plan_parts
-from miniplm.scoring.scorer import LogProbScorer, default_head_chunk
+from miniplm.scoring.scorer import LogProbScorer
 
 
 def autocast(dtype, device):
@@ -130,7 +130,6 @@ def main() -> None:
     tokens = sum(len(x) for x in instances)
     model = load_causal_lm(args.model, device=device)
     dtype = resolve_precision(args.precision, device)
-    head_chunk = args.head_chunk or default_head_chunk(device)
     results = {}
     if not args.skip_naive:
         results["(i) naive, one document per forward, fp32 (plain usage)"] = timed(
@@ -142,7 +141,7 @@ def main() -> None:
         lambda: padded(model, instances, corpus.eos_id, dtype, device))
     # after the baselines: compiling changes the model's layers in place
     start = time.perf_counter()
-    scorer = LogProbScorer(model, {corpus.eos_id}, dtype, head_chunk, log=print, compile=not args.eager)
+    scorer = LogProbScorer(model, {corpus.eos_id}, dtype, args.head_chunk, log=print, compile=not args.eager)
     miniplm(scorer, instances[:2], args.batch_tokens)  # warm-up
     print(f"miniplm set-up and warm-up (compilation included): {time.perf_counter() - start:.1f} s")
     label = "(iii) miniplm" + (", eager" if args.eager else "")

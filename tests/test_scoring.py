@@ -217,11 +217,13 @@ def test_ray_executor_gives_the_same_rows(tiny_model_dir, prepared_corpus, tmp_p
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_compiled_model_equals_eager(tiny_model_dir, prepared_corpus, tmp_path, precision):
-    """compile (the default) fuses the output layer's log-softmax and each decoder layer: the same scores."""
+    """compile (the default) fuses the output layer's log-softmax and each decoder layer: the same scores in
+    fp32; in bf16 within 3e-4 nats/token (1.2e-4 measured: fused kernels keep fp32 between ops where eager
+    rounds each op's output to bf16)."""
     per_token = []
     for compile in (False, True):
         run(tiny_model_dir, prepared_corpus, tmp_path / str(compile), precision=precision, compile=compile,
             batch_tokens=300)
         table = read_scores(tmp_path / str(compile))
         per_token.append(table.column("logp_sum").to_numpy() / table.column("n_scored").to_numpy())
-    assert np.abs(per_token[0] - per_token[1]).max() < (1e-5 if precision == "fp32" else 2e-3)
+    assert np.abs(per_token[0] - per_token[1]).max() < (1e-5 if precision == "fp32" else 3e-4)

@@ -98,7 +98,7 @@ class LogProbScorer:
                 layer._compiled_call_impl = None  # what nn.Module.compile set: back to the eager forward
             self.head_logp, self.min_rows = _head_logp, 1
             self.log(f"compiling the model failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                     "scoring eagerly (same results, slower)")
+                     "scoring eagerly (the same scores up to bf16 rounding, slower)")
             return
         self.log(f"compiled {len(layers)} decoder layers" + (" and the output layer" if self.chunked_head else ""))
 
