@@ -16,9 +16,9 @@ import argparse
 import numpy as np
 import torch
 
-from miniplm.allocator import keep_freed_memory
+from miniplm.core.allocator import keep_freed_memory
+from miniplm.core.models import load_causal_lm, resolve_precision
 from miniplm.data.shards import PackedCorpus
-from miniplm.models import load_causal_lm, resolve_precision
 from miniplm.scoring.plan import padded_width
 from miniplm.scoring.scorer import LogProbScorer
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from flops import forward_flops_per_token, linear_shapes, mfu_line
 
-from miniplm.allocator import keep_freed_memory
+from miniplm.core.allocator import keep_freed_memory
+from miniplm.core.models import load_causal_lm, resolve_precision
 from miniplm.data.shards import PackedCorpus
-from miniplm.models import load_causal_lm, resolve_precision
 from miniplm.scoring.plan import plan_batches, plan_parts
 from miniplm.scoring.scorer import LogProbScorer
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from flops import forward_flops_per_token, mfu_line
 
-from miniplm.allocator import keep_freed_memory
-from miniplm.config import load_config
+from miniplm.core.allocator import keep_freed_memory
+from miniplm.core.config import load_config
 from miniplm.data.shards import PackedCorpus
 from miniplm.training.train import TrainConfig, build_model, train
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from miniplm.evaluation.final import POINTS_FILE, SPLITS_FILE, TASKS_FILE
+from miniplm.evaluation.report import cost_rows
 from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, read_curve
-from miniplm.report import cost_rows
 
-STUDENT_FILES = ("eval.jsonl", "metrics.jsonl", "eval_tasks.json", "eval_splits.json", "manifest.json")
+STUDENT_FILES = ("eval.jsonl", "metrics.jsonl", TASKS_FILE, SPLITS_FILE, "manifest.json")
 STAGE_FILES = {"scores/teacher": ("manifest.json",), "scores/reference": ("manifest.json",),
                "reference": ("manifest.json", "metrics.jsonl"), "seqkd": ("manifest.json",),
                "corpus": ("manifest.json",), "report": ("results.json",)}
@@ -34,9 +35,9 @@ def collect(run: Path, results: Path) -> None:
     if results.exists():
         shutil.rmtree(results)
     results.mkdir(parents=True)
-    for name in ("run_config.json", "reference_points.json"):
-        if (run / name).is_file():
-            shutil.copy(run / name, results / name)
+    shutil.copy(run / "run_config.json", results / "run_config.json")
+    if (run / "reference_points" / POINTS_FILE).is_file():
+        shutil.copy(run / "reference_points" / POINTS_FILE, results / POINTS_FILE)
     for stage, files in STAGE_FILES.items():
         for name in files:
             if (run / stage / name).is_file():
@@ -52,8 +53,10 @@ def collect(run: Path, results: Path) -> None:
         target = results / "students" / student.name
         target.mkdir(parents=True)
         for name in STUDENT_FILES:
-            if (student / name).is_file():
-                shutil.copy(student / name, target / name)
+            # a student's final evaluations live in its evaluation/ directory
+            source = student / "evaluation" / name if name in (TASKS_FILE, SPLITS_FILE) else student / name
+            if source.is_file():
+                shutil.copy(source, target / name)
     size = sum(p.stat().st_size for p in results.rglob("*") if p.is_file())
     print(f"collected {results} ({size / 1e6:.1f} MB)")
 

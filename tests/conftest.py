@@ -108,7 +108,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def prepared_corpus(tmp_path_factory, tokenizer_dir) -> Path:
     """A corpus prepared with the test tokenizer (max_len 64), shared by the scoring tests."""
-    from miniplm.config import load_config
+    from miniplm.core.config import load_config
     from miniplm.data.prepare import PrepareConfig, prepare
 
     root = tmp_path_factory.mktemp("prepared")

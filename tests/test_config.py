@@ -3,13 +3,14 @@ from typing import Literal
 
 import pytest
 
-from miniplm.config import ConfigError, config_hash, load_config, option
+from miniplm.core.config import ConfigError, config_hash, load_config, option
 from miniplm.data.prepare import PrepareConfig
 
 
 @dataclass
 class Inner:
     rate: float = option(0.5, "a rate")
+    workers: int = option(1, "how many workers (changes the speed, not the result)", hashed=False)
 
 
 @dataclass
@@ -58,7 +59,10 @@ def test_int_widens_to_float_and_hash_ignores_excluded_fields():
     a = load_config(Outer, None, {"name": "p"})
     b = load_config(Outer, None, {"name": "q"})
     assert config_hash(a) != config_hash(b)
-    assert config_hash(a, exclude=("name",)) == config_hash(b, exclude=("name",))
+    # a field declared hashed=False, at any depth, does not change the hash
+    c = load_config(Outer, None, {"name": "p", "inner.workers": 4})
+    assert config_hash(c) == config_hash(a)
+    assert config_hash(load_config(Outer, None, {"name": "p", "inner.rate": 0.7})) != config_hash(a)
 
 
 @pytest.mark.parametrize(

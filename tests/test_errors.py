@@ -130,7 +130,7 @@ def corpus_unreadable_parquet(e: Env) -> str:
 
 def corpus_huge_document(e: Env) -> str:
     """Handled, not refused: one document is cut into at most max_chunks_per_document instances."""
-    from miniplm.config import load_config
+    from miniplm.core.config import load_config
     from miniplm.data.prepare import PrepareConfig, prepare
 
     path = e.jsonl([{"text": "A sentence of some words. " * 400, "id": "huge"}])
@@ -138,7 +138,7 @@ def corpus_huge_document(e: Env) -> str:
     manifest = prepare(load_config(PrepareConfig, None, {
         "inputs": [str(path)], "tokenizer": str(e.tokenizer), "output": str(e.tmp / "o"), "max_len": 16,
         "max_chunks_per_document": 5, "progress": False, "splits": {"ref": {"fraction": 0.0},
-        "heldout": {"fraction": 0.0}, "heldout_hq": {"fraction": 0.0}}}), log=logs.append)
+        "heldout": {"fraction": 0.0}, "heldout_hq": {"fraction": 0.0}}}), log=logs.append).manifest
     assert manifest["splits"]["train"]["instances"] == 5
     return " ".join(f"{r}: {n}" for r, n in manifest["documents"]["skip_reasons"].items()) + " " + " ".join(logs)
 
@@ -266,7 +266,7 @@ def state_no_scores(e: Env) -> str:
 
 
 def state_scores_of_another_corpus(e: Env) -> str:
-    from miniplm.config import load_config
+    from miniplm.core.config import load_config
     from miniplm.data.prepare import PrepareConfig, prepare
 
     other = e.tmp / "other-corpus"
@@ -312,7 +312,7 @@ def state_stale_selection(e: Env) -> str:
 
 
 def state_busy_output(e: Env) -> str:
-    from miniplm.manifest import output_lock
+    from miniplm.core.manifest import output_lock
 
     with output_lock(e.tmp / "busy"):
         return e.prepare(e.jsonl([{"text": "Fine."}]), "--output", e.tmp / "busy")
@@ -341,7 +341,7 @@ def state_disk_full(e: Env) -> str:
 
 def state_changed_config(e: Env) -> str:
     """Handled, not refused: a run directory trained with another config is started over, said so."""
-    from miniplm.config import load_config
+    from miniplm.core.config import load_config
     from miniplm.training.train import TrainConfig, train
 
     base = {"corpus": str(e.corpus), "output": str(e.tmp / "t"), "model": "qwen2-tiny", "max_steps": 2,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import save_tiny_llama
-from miniplm.config import load_config
+from miniplm.core.config import load_config
+from miniplm.evaluation.report import ReportConfig, build_report
 from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, read_curve
-from miniplm.report import ReportConfig, build_report
 
 
 def law(c, a=400.0, alpha=0.12, l_inf=2.5):
@@ -107,7 +107,7 @@ def test_eval_every_curve_and_eval_loss_of_a_run_agree(prepared_corpus, tmp_path
         "corpus": str(prepared_corpus), "output": str(run), "model": "qwen2-tiny", "batch_size": 4,
         "max_steps": 12, "warmup_steps": 2, "save_every": 6, "log_every": 1, "progress": False,
         "precision": "fp32", "eval_every": 6, "eval_split": "heldout", "eval_max_instances": 8, "lr": 3e-3}),
-        log=lambda m: None)
+        log=lambda m: None).manifest
     points = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert [p["step"] for p in points] == [6, 12]
     n = manifest["model"]["parameters"]
@@ -138,7 +138,7 @@ def test_report_renders_fits_savings_and_tasks(tmp_path):
             "piqa": {"value": 0.6}, "hellaswag": {"value": 0.3}}}))
     path = build_report(load_config(ReportConfig, None, {
         "runs": [str(tmp_path / "no-kd"), f"MiniPLM={tmp_path / 'miniplm'}"], "output": str(tmp_path / "report"),
-        "extrapolate_to": 1e16}), log=lambda m: None)
+        "extrapolate_to": 1e16}), log=lambda m: None).output / "report.md"
     text = path.read_text()
     assert "| MiniPLM |" in text and "(baseline)" in text and "| run | piqa | hellaswag | Avg. |" in text
     results = json.loads((tmp_path / "report" / "results.json").read_text())

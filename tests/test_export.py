@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_scores
-from miniplm.config import load_config
+from miniplm.core.config import load_config
 from miniplm.data.shards import PackedCorpus, PackedSplit
-from miniplm.export import ExportConfig, export
+from miniplm.export.export import ExportConfig, export
 from miniplm.selection.select import SelectConfig, select
 
 
@@ -35,7 +35,7 @@ def kept_ids(selection, subset="selected"):
 def run(selection, tmp_path, fmt, **kw):
     cfg = load_config(ExportConfig, None, {"selection": str(selection), "format": fmt,
                                            "output": str(tmp_path / fmt), "progress": False, **kw})
-    return export(cfg, log=lambda m: None), tmp_path / fmt
+    return export(cfg, log=lambda m: None).manifest, tmp_path / fmt
 
 
 def source(prepared_corpus):
@@ -166,7 +166,7 @@ def test_lossy_student_tokenizer_is_reported(selection, tmp_path):
     cfg = load_config(ExportConfig, None, {"selection": str(selection), "format": "tokens",
                                            "output": str(tmp_path / "x"),
                                            "tokenizer": str(make_student(tmp_path, bos=False, lossless=False))})
-    manifest = export(cfg, log=logs.append)
+    manifest = export(cfg, log=logs.append).manifest
     assert manifest["round_trip"]["fraction"] > 0.5
     assert any("do not round-trip" in m for m in logs)
 

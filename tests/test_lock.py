@@ -9,7 +9,7 @@ import time
 
 from conftest import make_corpus
 from miniplm.cli import main
-from miniplm.manifest import output_lock
+from miniplm.core.manifest import output_lock
 
 
 def test_a_second_run_on_a_busy_output_is_refused(tmp_path, tokenizer_dir, capsys):
@@ -29,7 +29,7 @@ def test_a_second_run_on_a_busy_output_is_refused(tmp_path, tokenizer_dir, capsy
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from miniplm.manifest import output_lock\n"
+        "import sys, time; from miniplm.core.manifest import output_lock\n"
         f"with output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"

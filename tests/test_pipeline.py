@@ -12,7 +12,7 @@ import yaml
 
 from conftest import make_corpus, save_tiny_llama
 from miniplm.cli import main
-from miniplm.config import ConfigError, load_config
+from miniplm.core.config import ConfigError, load_config
 from miniplm.pipeline import RunConfig
 
 
@@ -60,11 +60,11 @@ def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, 
     assert len(kd_curve) >= 3  # held-out points spread over its FLOP-matched steps, enough for a fit
     curve = [json.loads(x) for x in (out / "students" / "miniplm" / "eval.jsonl").read_text().splitlines()]
     assert len(curve) >= 3 and curve[-1]["step"] == manifests["miniplm"]["steps"]
-    tasks = json.loads((out / "students" / "no-kd" / "eval_tasks.json").read_text())["tasks"]
+    tasks = json.loads((out / "students" / "no-kd" / "evaluation" / "eval_tasks.json").read_text())["tasks"]
     assert tasks["lambada_openai"]["examples"] == 4
-    final = json.loads((out / "students" / "miniplm" / "eval_splits.json").read_text())["splits"]["heldout"]
-    assert final["loss_per_token"] > 0 and final["instances"] > 0
-    points = json.loads((out / "reference_points.json").read_text())
+    final = json.loads((out / "students" / "miniplm" / "evaluation" / "eval_splits.json").read_text())
+    assert final["splits"]["heldout"]["loss_per_token"] > 0 and final["splits"]["heldout"]["instances"] > 0
+    points = json.loads((out / "reference_points" / "reference_points.json").read_text())
     assert points["unigram"]["loss_per_token"] > 0 and points["teacher"]["loss_per_token"] > 0
     assert points["other_splits"]["heldout"]["unigram"]["loss_per_token"] > 0
     assert (out / "report" / "report.html").is_file() and (out / "selections" / "random-mix").is_dir()
@@ -88,12 +88,41 @@ def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, 
         assert f"| {name} |" in text and f"{final['loss_per_token']:.4f}" in text
     assert f"| unigram | {points['unigram']['loss_per_token']:.4f} |" in text
 
+    manifests = {p: p.read_text() for p in out.rglob("manifest.json")}
     assert main(["run", str(config_file)]) == 0
     second = capsys.readouterr().out
     stage_lines = [line for line in second.splitlines() if line.strip().startswith(("cached", "done"))]
-    # every stage but the report (always re-rendered) is found done
-    assert sum(line.strip().startswith("cached") for line in stage_lines) == len(stage_lines) - 1
+    assert len(stage_lines) == first.count("\n        done") and all(
+        line.strip().startswith("cached") for line in stage_lines)
+    # nothing was redone: every stage's manifest (its key, its creation time) is the one of the first run
+    assert {p: p.read_text() for p in out.rglob("manifest.json")} == manifests
     assert json.loads((out / "report" / "results.json").read_text()) == report
+
+    # --force redoes every stage, training included
+    assert main(["run", str(config_file), "--force"]) == 0
+    third = capsys.readouterr().out
+    assert "cached in" not in third and third.count("        done in") == len(stage_lines)
+    assert all(p.read_text() != text for p, text in manifests.items())
+
+
+def test_a_bad_key_or_value_anywhere_is_refused_before_the_first_stage(tmp_path, tokenizer_dir, capsys):
+    base = run_yaml(tmp_path, tokenizer_dir)
+    bad = [({"students": [*base["students"][:2], {"name": "kd", "train": {"lrr": 0.1}}]},
+            r"unknown config key 'students\[2\]\.train\.lrr'; did you mean 'lr'\?"),
+           ({"selections": {"miniplm": {"alpha": 1.5}}}, r"alpha: must be in \(0, 1\]"),
+           ({"selections": {"miniplm": {"selectr": "random"}}}, r"'selections\.miniplm\.selectr'; did you mean"),
+           ({"score": {"batch_tokens": "many"}}, r"score\.batch_tokens: expected an integer"),
+           ({"reference": {"warmup_steps": 1.5}}, r"reference\.warmup_steps: expected an integer"),
+           ({"prepare": {"output": "elsewhere"}}, r"prepare\.output: set by `miniplm run`"),
+           ({"eval": {"tasks": ["no-such-task"]}}, r"no offline data for no-such-task")]
+    for change, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            load_config(RunConfig, None, {**base, **change})
+        config_file = tmp_path / "bad.yaml"
+        config_file.write_text(yaml.safe_dump({**base, **change}))
+        assert main(["run", str(config_file)]) == 2
+        assert "miniplm run: error:" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()  # refused before the first stage wrote anything
 
 
 def test_run_config_refusals(tmp_path, tokenizer_dir):

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_corpus, write_jsonl
-from miniplm.config import load_config
+from miniplm.core.config import load_config
 from miniplm.data.prepare import PrepareConfig, assign_split, prepare, split_point
 from miniplm.data.readers import BadRecordError
 from miniplm.data.shards import PackedSplit
@@ -34,7 +34,7 @@ def test_prepare_packs_every_document_and_accounts_for_all(tmp_path, tokenizer_d
     from transformers import AutoTokenizer
 
     cfg = config(tmp_path, tokenizer_dir)
-    manifest = prepare(cfg, log=lambda m: None)
+    manifest = prepare(cfg, log=lambda m: None).manifest
     out = Path(cfg.output)
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")  # the saved copy loads through from_pretrained
     docs = pq.read_table(out / "documents.parquet").to_pylist()
@@ -63,30 +63,31 @@ def test_prepare_packs_every_document_and_accounts_for_all(tmp_path, tokenizer_d
             assert text == expected
         total_tokens += sum(len(t) for t in instances)
     assert total_tokens == sum(d["n_tokens"] for d in docs)  # nothing dropped on this corpus
-    assert manifest["inputs"][0]["sha256"] and manifest["versions"]["transformers"]
+    assert manifest["inputs"]["files"][0]["sha256"] and manifest["versions"]["transformers"]
 
 
 def test_rerun_is_skipped_and_changes_invalidate(tmp_path, tokenizer_dir, corpus):
     logs = []
     cfg = config(tmp_path, tokenizer_dir)
-    first = prepare(cfg, log=logs.append)
-    assert prepare(cfg, log=logs.append) == first
-    assert "up to date" in logs[-1]
+    first = prepare(cfg, log=logs.append).manifest
+    again = prepare(cfg, log=logs.append)
+    assert not again.ran and again.manifest == first
     # a field that does not change outputs does not invalidate
-    assert prepare(config(tmp_path, tokenizer_dir, batch_documents=7), log=logs.append)["key"] == first["key"]
+    assert not prepare(config(tmp_path, tokenizer_dir, batch_documents=7), log=logs.append).ran
     # a changed config rebuilds
-    second = prepare(config(tmp_path, tokenizer_dir, max_len=16), log=logs.append)
+    second = prepare(config(tmp_path, tokenizer_dir, max_len=16), log=logs.append).manifest
     assert second["key"] != first["key"] and second["max_len"] == 16
     assert max(len(t) for t in read_all(Path(cfg.output), "train")[1]) <= 17
     # a changed input rebuilds
     with open(corpus / "news.jsonl", "a") as fh:
         fh.write(json.dumps({"text": "One more news document.", "domain": "news", "id": "news-x"}) + "\n")
-    third = prepare(config(tmp_path, tokenizer_dir, max_len=16), log=logs.append)
+    third = prepare(config(tmp_path, tokenizer_dir, max_len=16), log=logs.append).manifest
     assert third["key"] != second["key"] and third["documents"]["read"] == 121
     # a leftover from a killed run is cleaned up, and --force rebuilds
     (tmp_path / "out.partial").mkdir()
     (tmp_path / "out.partial" / "junk").write_text("x")
-    prepare(config(tmp_path, tokenizer_dir, max_len=16), force=True, log=logs.append)
+    forced = prepare(config(tmp_path, tokenizer_dir, max_len=16), force=True, log=logs.append)
+    assert forced.ran and forced.manifest["created"] >= third["created"]
     assert not (tmp_path / "out.partial").exists()
 
 
@@ -122,7 +123,7 @@ def test_bad_records_skip_with_counts_or_fail_with_location(tmp_path, tokenizer_
         {"body": "no text"},
         {"text": "Another good one.", "id": "b"},
     ])
-    manifest = prepare(config(tmp_path, tokenizer_dir), log=lambda m: None)
+    manifest = prepare(config(tmp_path, tokenizer_dir), log=lambda m: None).manifest
     docs = manifest["documents"]
     assert (docs["read"], docs["packed"], docs["skipped"]) == (5, 2, 3)
     assert docs["skip_reasons"] == {"empty": 1, "bad_json": 1, "missing_field": 1}
@@ -137,14 +138,14 @@ def test_max_documents_per_domain_and_empty_split_warning(tmp_path, tokenizer_di
     logs = []
     cfg = config(tmp_path, tokenizer_dir, max_documents_per_domain=10,
                  splits={"ref": {"fraction": 0.2}, "hq": {"fraction": 0.1, "domains": ["wiki"]}})
-    manifest = prepare(cfg, log=logs.append)
+    manifest = prepare(cfg, log=logs.append).manifest
     assert manifest["documents"]["packed"] == 20
     assert manifest["documents"]["skip_reasons"] == {"over_limit": 100}
     assert any("split 'hq'" in m and "no documents" in m for m in logs)
 
 
 def test_eos_token_override_and_unknown_token(tmp_path, tokenizer_dir, corpus):
-    from miniplm.config import ConfigError
+    from miniplm.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="eos_token"):
         prepare(config(tmp_path, tokenizer_dir, eos_token="<|nope|>"), log=lambda m: None)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import save_other_tokenizer, save_tiny_llama, write_gguf_of_unknown_architecture
-from miniplm.config import load_config
+from miniplm.core.config import load_config
 from miniplm.data.shards import PackedCorpus
 from miniplm.scoring.plan import padded_width, padding_fraction, plan_batches, plan_parts
-from miniplm.scoring.run import ScoreConfig, read_scores, score
+from miniplm.scoring.score import ScoreConfig, read_scores, score
 
 
 def cfg(model, corpus, output, **kw) -> ScoreConfig:
@@ -24,7 +24,7 @@ def cfg(model, corpus, output, **kw) -> ScoreConfig:
 
 
 def run(model, corpus, output, **kw):
-    return score(cfg(model, corpus, output, **kw), log=lambda m: None)
+    return score(cfg(model, corpus, output, **kw), log=lambda m: None).manifest
 
 
 def test_logprobs_equal_the_models_own_loss(tiny_model_dir, prepared_corpus, tmp_path):
@@ -94,11 +94,11 @@ def test_plan_sorts_by_length_and_keeps_padding_low():
 
 def test_rerun_skips_and_changes_invalidate(tiny_model_dir, prepared_corpus, tmp_path, tokenizer_dir):
     logs = []
-    first = score(cfg(tiny_model_dir, prepared_corpus, tmp_path / "s"), log=logs.append)
+    first = score(cfg(tiny_model_dir, prepared_corpus, tmp_path / "s"), log=logs.append).manifest
     again = score(cfg(tiny_model_dir, prepared_corpus, tmp_path / "s", batch_tokens=99), log=logs.append)
-    assert again == first and "up to date" in logs[-1]
+    assert not again.ran and again.manifest == first
     other = save_tiny_llama(tmp_path / "other-model", tokenizer_dir, seed=1)
-    changed = score(cfg(other, prepared_corpus, tmp_path / "s"), log=logs.append)
+    changed = score(cfg(other, prepared_corpus, tmp_path / "s"), log=logs.append).manifest
     assert changed["key"] != first["key"]
     assert any("another run's output" in m for m in logs)
     assert read_scores(tmp_path / "s").num_rows == first["instances"]
@@ -138,7 +138,7 @@ def test_refuses_instances_longer_than_the_context(prepared_corpus, tmp_path, to
 def test_refuses_pickled_weights_and_unsupported_gguf(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from miniplm.models import load_causal_lm
+    from miniplm.core.models import load_causal_lm
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_scores
-from miniplm.config import ConfigError, load_config
+from miniplm.core.config import ConfigError, load_config
 from miniplm.data.shards import PackedCorpus
 from miniplm.selection import select as sel
 from miniplm.selection.select import SelectConfig, select
@@ -31,7 +31,7 @@ def run(s, name="sel", **kw):
     cfg = load_config(SelectConfig, None, {"corpus": str(s["corpus"]), "teacher": str(s["teacher"]),
                                            "reference": str(s["ref"]), "output": str(s["tmp"] / name),
                                            "report": False, "progress": False, **kw})
-    manifest = select(cfg, log=lambda m: None)
+    manifest = select(cfg, log=lambda m: None).manifest
     rows = pq.read_table(s["tmp"] / name / "instances.parquet").to_pydict()
     return manifest, rows
 
@@ -162,7 +162,7 @@ def test_config_refuses_bad_values(override, message):
 def test_end_to_end_with_real_models_and_the_report(prepared_corpus, tiny_model_dir, tokenizer_dir, tmp_path):
     from conftest import save_tiny_llama
     from miniplm.cli import main
-    from miniplm.scoring.run import ScoreConfig, score
+    from miniplm.scoring.score import ScoreConfig, score
 
     ref_model = save_tiny_llama(tmp_path / "ref-model", tokenizer_dir, seed=3, layers=1)
     for name, model in [("teacher", tiny_model_dir), ("ref", ref_model)]:

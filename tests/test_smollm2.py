@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from conftest import make_corpus
-from miniplm.config import load_config
+from miniplm.core.config import load_config
+from miniplm.core.tokenizer import PACKAGED_MODELS, load_tokenizer
 from miniplm.data.packing import BoundaryTable
 from miniplm.data.prepare import PrepareConfig, prepare
 from miniplm.data.shards import PackedSplit
-from miniplm.tokenizer import PACKAGED_MODELS, load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_prepare_with_the_default_tokenizer(tmp_path):
     make_corpus(tmp_path / "corpus", n_docs=30)
     cfg = load_config(PrepareConfig, None, {"inputs": [str(tmp_path / "corpus")], "output": str(tmp_path / "out"),
                                             "max_len": 64, "progress": False})
-    manifest = prepare(cfg, log=lambda m: None)
+    manifest = prepare(cfg, log=lambda m: None).manifest
     assert manifest["tokenizer"]["vocab_size"] == 49_152 and manifest["tokenizer"]["dtype"] == "uint16"
     assert manifest["tokenizer"]["eos_token"] == "<|im_end|>"
     split = PackedSplit(tmp_path / "out" / "train", "uint16")

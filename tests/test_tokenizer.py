@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from miniplm.tokenizer import PackagedModel, load_tokenizer, resolve_source, source_fingerprint
+from miniplm.core.tokenizer import PackagedModel, load_tokenizer, resolve_source, source_fingerprint
 
 
 def test_local_directory_loads_through_from_pretrained(tokenizer_dir):
@@ -24,7 +24,7 @@ def test_missing_paths_fail_fast_with_the_path(tmp_path):
 
 
 def test_hub_id_offline_gives_a_clear_error():
-    code = ("from miniplm.tokenizer import load_tokenizer\n"
+    code = ("from miniplm.core.tokenizer import load_tokenizer\n"
             "try:\n    load_tokenizer('nobody/no-such-tokenizer')\n"
             "except OSError as e:\n    print(e)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

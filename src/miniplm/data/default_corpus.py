@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from miniplm.tokenizer import file_sha256
+from miniplm.core.hashing import file_sha256
+from miniplm.core.paths import cache_dir
 
 CORPUS_VERSION = 1
 PASSAGE_CHARS = 4000
@@ -45,11 +46,6 @@ class Source:
     licence: str
     description: str
     extract: Callable[[Path], Iterator[tuple[str, str]]]  # archive -> (id, text)
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("MINIPLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "miniplm"
-    return Path(root).expanduser()
 
 
 def passages(text: str, size: int = PASSAGE_CHARS) -> Iterator[str]:

@@ -12,7 +12,7 @@ Output directory:
 from __future__ import annotations
 
 import hashlib
-import time
+import io
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +20,14 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
 
-from miniplm.config import ConfigError, config_hash, option, require_at_least_one, to_dict
+from miniplm.core.config import ConfigError, Progress, option, require_at_least_one
+from miniplm.core.hashing import path_sha256
+from miniplm.core.progress import progress
+from miniplm.core.stage import Stage, StageResult, execute
+from miniplm.core.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, source_fingerprint
 from miniplm.data import default_corpus
 from miniplm.data.packing import BoundaryTable, Packer
 from miniplm.data.readers import (
@@ -34,11 +40,7 @@ from miniplm.data.readers import (
     read_documents,
 )
 from miniplm.data.shards import ShardWriter, token_dtype
-from miniplm.manifest import is_up_to_date, manifest_key, new_manifest, read_manifest, staged_output, write_json_atomic
-from miniplm.progress import progress
-from miniplm.tokenizer import DEFAULT_TOKENIZER, file_sha256, load_tokenizer, source_fingerprint
 
-FORMAT_VERSION = 1  # bump when the on-disk layout or the packing rule changes
 TRAIN_SPLIT = "train"
 DEFAULT_INPUT = "default"
 
@@ -72,13 +74,13 @@ def _default_splits() -> dict[str, SplitSpec]:
 
 
 @dataclass
-class PrepareConfig:
+class PrepareConfig(Progress):
     inputs: list[str | InputSpec] = option(
         default_factory=lambda: [DEFAULT_INPUT],
         help="files, directories or globs (jsonl[.gz|.zst], parquet, .txt, HF save_to_disk), or mappings "
         "{path, format, domain}; 'default' is the default corpus, assembled from package registries",
     )
-    output: str = option("out/corpus", "output directory")
+    output: str = option("out/corpus", "output directory", hashed=False)
     tokenizer: str = option(DEFAULT_TOKENIZER, "HF tokenizer: local directory, hub id, .gguf file, or 'smollm2'")
     trust_remote_code: bool = option(False, "allow a tokenizer's own code from its directory or hub repo to run")
     text_field: str = option("text", "record field holding the document text")
@@ -98,12 +100,9 @@ class PrepareConfig:
     seed: int = option(10, "seed for split assignment and shuffling (the paper's seed)")
     shuffle: bool = option(False, "shuffle instances within each shard (students read in stored order)")
     shard_tokens: int = option(1 << 26, "tokens per shard file")
-    on_bad_record: Literal["skip", "fail"] = option("skip", "bad records: count and skip, or stop with an error")
-    batch_documents: int = option(256, "documents per tokenizer call")
-    progress: bool = option(True, "show a progress bar")
-
-    # fields that change how the work runs but not what it produces
-    NOT_HASHED = ("output", "batch_documents", "progress", "on_bad_record")
+    on_bad_record: Literal["skip", "fail"] = option("skip", "bad records: count and skip, or stop with an error",
+                                                   hashed=False)
+    batch_documents: int = option(256, "documents per tokenizer call", hashed=False)
 
     def validate(self) -> None:
         if self.max_len < 8:
@@ -181,29 +180,26 @@ class _DocumentTable:
         self.writer.close()
 
 
-def prepare(config: PrepareConfig, force: bool = False, log=print) -> dict:
-    """Run the stage (or reuse an up-to-date output) and return its manifest."""
-    started = time.time()
-    specs = _input_specs(config, log)
-    files = expand_inputs(specs)
-    inputs = [{"path": f.path, "format": f.format, "bytes": input_bytes(f), "sha256": _input_hash(f.path)}
-              for f in files]
-    tokenizer_id = source_fingerprint(config.tokenizer)
-    cfg_hash = config_hash(config, exclude=PrepareConfig.NOT_HASHED)
-    key = manifest_key(FORMAT_VERSION, cfg_hash, [(i["path"], i["sha256"]) for i in inputs], tokenizer_id)
-    if not force and is_up_to_date(config.output, key):
-        log(f"prepare: {config.output} is up to date (key {key}); pass --force to rebuild")
-        return read_manifest(config.output)
+class Prepare(Stage):
+    name = "prepare"
+    config = PrepareConfig
 
-    tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
-    eos_id = _eos_id(tokenizer, config)
-    vocab_size = len(tokenizer)
-    dtype = token_dtype(vocab_size)
-    boundaries = BoundaryTable.from_tokenizer(tokenizer)
-    fields = Fields(config.text_field, config.domain_field, config.id_field, config.default_domain)
-    split_names = [TRAIN_SPLIT, *config.splits]
+    def inputs(self, config: PrepareConfig, log) -> dict:
+        files = expand_inputs(_input_specs(config, log))
+        return {"files": [{"path": f.path, "format": f.format, "bytes": input_bytes(f), "sha256": path_sha256(f.path)}
+                          for f in files],
+                "tokenizer": source_fingerprint(config.tokenizer)}
 
-    with staged_output(config.output) as out:
+    def run(self, config: PrepareConfig, out: Path, inputs: dict, log) -> dict:
+        files = expand_inputs(_input_specs(config, log))
+        tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
+        eos_id = _eos_id(tokenizer, config)
+        vocab_size = len(tokenizer)
+        dtype = token_dtype(vocab_size)
+        boundaries = BoundaryTable.from_tokenizer(tokenizer)
+        fields = Fields(config.text_field, config.domain_field, config.id_field, config.default_domain)
+        split_names = [TRAIN_SPLIT, *config.splits]
+
         tokenizer.save_pretrained(out / "tokenizer")
         packers = {s: Packer(config.max_len, eos_id, boundaries, config.max_chunks_per_document) for s in split_names}
         writers = {s: ShardWriter(out / s, dtype, config.shard_tokens, config.shuffle, config.seed)
@@ -239,7 +235,7 @@ def prepare(config: PrepareConfig, force: bool = False, log=print) -> dict:
                 documents.add(doc, doc_index, split, len(ids) + 1)
                 doc_index += 1
 
-        total_bytes = sum(i["bytes"] for i in inputs)
+        total_bytes = sum(f["bytes"] for f in inputs["files"])
         with progress(config.progress, total_bytes, "prepare", unit="bytes") as advance:
             batch: list[Document] = []
             per_domain: dict[str, int] = defaultdict(int)
@@ -282,12 +278,8 @@ def prepare(config: PrepareConfig, force: bool = False, log=print) -> dict:
         skipped = sum(c.skipped for c in domains.values())
         assert read == packed + skipped, "document accounting is broken"
         _warn_empty_splits(config, splits_summary, log)
-        manifest = new_manifest(
-            "prepare", key, to_dict(config),
-            config_hash=cfg_hash,
-            format_version=FORMAT_VERSION,
-            inputs=inputs,
-            tokenizer={"spec": config.tokenizer, "fingerprint": tokenizer_id, "class": type(tokenizer).__name__,
+        return dict(
+            tokenizer={"spec": config.tokenizer, "fingerprint": inputs["tokenizer"], "class": type(tokenizer).__name__,
                        "vocab_size": vocab_size, "eos_id": eos_id, "eos_token": tokenizer.convert_ids_to_tokens(eos_id),
                        "path": "tokenizer", "dtype": dtype.name},
             max_len=config.max_len,
@@ -296,21 +288,27 @@ def prepare(config: PrepareConfig, force: bool = False, log=print) -> dict:
             domains={d: {"documents": c.documents, "skipped": c.skipped, "tokens": c.tokens,
                          "split_documents": dict(c.splits)} for d, c in sorted(domains.items())},
             splits=splits_summary,
-            wall_seconds=round(time.time() - started, 2),
         )
-        write_json_atomic(out / "manifest.json", manifest)
-    return manifest
+
+    def summary(self, manifest: dict) -> str:
+        header, rows = summary_rows(manifest)
+        table = Table(title=f"prepared {manifest['output']} (tokens; the last columns split them by "
+                            f"D/D_ref/held-out)")
+        for i, column in enumerate(header):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*[f"{v:,}" if isinstance(v, int) else str(v) for v in row])
+        text = Console(file=io.StringIO(), width=120, color_system=None)
+        text.print(table)
+        docs = manifest["documents"]
+        reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(docs["skip_reasons"].items())) or "none"
+        return (text.file.getvalue() + f"documents read {docs['read']:,} = packed {docs['packed']:,} + skipped "
+                f"{docs['skipped']:,} ({reasons}); wall time {manifest['wall_seconds']:.1f} s")
 
 
-def _input_hash(path: str) -> str:
-    p = Path(path)
-    if p.is_file():
-        return file_sha256(p)
-    digest = hashlib.sha256()
-    for child in sorted(c for c in p.rglob("*") if c.is_file()):
-        digest.update(str(child.relative_to(p)).encode())
-        digest.update(file_sha256(child).encode())
-    return digest.hexdigest()
+def prepare(config: PrepareConfig, force: bool = False, log=print) -> StageResult:
+    """Pack the corpus (or reuse an up-to-date output)."""
+    return execute(Prepare(), config, force, log)
 
 
 def _eos_id(tokenizer, config: PrepareConfig) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from miniplm.config import option
+from miniplm.core.config import option
 
 FORMATS = ("jsonl", "parquet", "txt", "hf")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")

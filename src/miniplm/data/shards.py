@@ -16,8 +16,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from transformers import AutoTokenizer
 
+from miniplm.core.manifest import read_manifest
 from miniplm.data.packing import Instance
+
+PACKED_STAGES = ("prepare", "generate", "export")  # stages whose output is a corpus (export: --format tokens)
 
 INSTANCE_SCHEMA = pa.schema(
     [
@@ -173,13 +177,9 @@ class PackedCorpus:
     """A `miniplm prepare` output: its manifest, its splits and the tokenizer that packed it."""
 
     def __init__(self, path: str | Path):
-        from miniplm.manifest import read_manifest
-
         self.path = Path(path)
         manifest = read_manifest(self.path)
-        packed = manifest is not None and (manifest.get("stage") == "prepare" or (
-            manifest.get("stage") == "export" and manifest.get("splits")))
-        if not packed:
+        if manifest is None or manifest.get("stage") not in PACKED_STAGES or not manifest.get("splits"):
             raise FileNotFoundError(f"{self.path} is not a packed corpus (no manifest.json of `miniplm prepare` or "
                                     f"`miniplm export --format tokens`); run `miniplm prepare --output {self.path}` "
                                     f"first")
@@ -198,6 +198,4 @@ class PackedCorpus:
         return PackedSplit(self.path / name, self.dtype)
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(self.path / self.manifest["tokenizer"]["path"])

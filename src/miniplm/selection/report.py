@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from matplotlib.figure import Figure  # no pyplot: no global backend, no window
 
+from miniplm.core.hashing import uniform_hash
 from miniplm.data.shards import PackedCorpus
-from miniplm.manifest import read_manifest
-from miniplm.selection.select import uniform_hash
 from miniplm.selection.topk import exact_top
 
 SCATTER_POINTS = 20_000
@@ -82,14 +82,9 @@ def _row(path: Path, index: int) -> dict:
     raise IndexError(f"{path} has no row {index}")
 
 
-def write_report(selection_dir: str | Path, log=print) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def write_report(selection_dir: str | Path, manifest: dict, log=print) -> Path:
+    """The report of the selection in `selection_dir`, whose manifest (or the facts it will hold) is `manifest`."""
     out = Path(selection_dir)
-    manifest = read_manifest(out)
     rows = out / "instances.parquet"
     config = manifest["config"]
     selector = config["selector"]
@@ -107,7 +102,8 @@ def write_report(selection_dir: str | Path, log=print) -> Path:
     if hist is not None:
         edges, kept, dropped = hist
         centers = (edges[:-1] + edges[1:]) / 2
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        fig = Figure(figsize=(11, 4))
+        ax1, ax2 = fig.subplots(1, 2)
         ax1.bar(centers, dropped, width=np.diff(edges), color="#bbbbbb", label="dropped")
         ax1.bar(centers, kept, width=np.diff(edges), bottom=dropped, color="#1f77b4", label="kept")
         cdf = np.cumsum(kept + dropped) / max(int((kept + dropped).sum()), 1)
@@ -121,7 +117,6 @@ def write_report(selection_dir: str | Path, log=print) -> Path:
         ax1.legend()
         fig.tight_layout()
         fig.savefig(figures / "key_histogram.png", dpi=110)
-        plt.close(fig)
         lines += ["## Key distribution", "", "![key histogram and CDF](report/key_histogram.png)", ""]
 
     n = manifest["instances"]
@@ -134,7 +129,8 @@ def write_report(selection_dir: str | Path, log=print) -> Path:
         pts["s"].append(b["selected"][pick])
     t, f, s = (np.concatenate(pts[k]) for k in "tfs")
     if np.isfinite(t).any() and np.isfinite(f).any():
-        fig, ax = plt.subplots(figsize=(5.5, 5))
+        fig = Figure(figsize=(5.5, 5))
+        ax = fig.subplots()
         ax.scatter(f[~s], t[~s], s=4, alpha=0.4, color="#bbbbbb", label="dropped")
         ax.scatter(f[s], t[s], s=4, alpha=0.5, color="#1f77b4", label="kept")
         finite = np.isfinite(t) & np.isfinite(f)
@@ -145,7 +141,6 @@ def write_report(selection_dir: str | Path, log=print) -> Path:
         ax.legend(markerscale=3)
         fig.tight_layout()
         fig.savefig(figures / "teacher_vs_reference.png", dpi=110)
-        plt.close(fig)
         lines += ["## Teacher vs reference loss", "", "![teacher vs reference](report/teacher_vs_reference.png)", ""]
 
     domains = manifest["domains"]
@@ -154,7 +149,8 @@ def write_report(selection_dir: str | Path, log=print) -> Path:
     kept_tokens = sum(d["kept_tokens"] for d in domains.values()) or 1
     before = [domains[d]["tokens"] / total_tokens for d in names]
     after = [domains[d]["kept_tokens"] / kept_tokens for d in names]
-    fig, ax = plt.subplots(figsize=(max(6, len(names) * 1.1), 4))
+    fig = Figure(figsize=(max(6, len(names) * 1.1), 4))
+    ax = fig.subplots()
     x = np.arange(len(names))
     ax.bar(x - 0.2, before, 0.4, label="corpus", color="#bbbbbb")
     ax.bar(x + 0.2, after, 0.4, label="selected", color="#1f77b4")
@@ -163,7 +159,6 @@ def write_report(selection_dir: str | Path, log=print) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(figures / "domains.png", dpi=110)
-    plt.close(fig)
     lines += ["## Domains", "", "![domain mix](report/domains.png)", "",
               "| domain | instances | kept | kept fraction | tokens | kept tokens | share before | share after |",
               "|---|---|---|---|---|---|---|---|"]

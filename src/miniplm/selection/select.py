@@ -16,9 +16,7 @@ teacher_logp, ref_logp, key, selected) and `manifest.json` (inputs, the cut, per
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,21 +26,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from miniplm.config import ConfigError, config_hash, option, require_at_least_one, to_dict
+from miniplm.core.config import ConfigError, Progress, option, require_at_least_one, to_dict
+from miniplm.core.hashing import uniform_hash
+from miniplm.core.manifest import part_path, read_manifest, read_plan
+from miniplm.core.stage import Stage, StageResult, execute
 from miniplm.data.shards import PackedCorpus
-from miniplm.manifest import (
-    is_up_to_date,
-    manifest_key,
-    new_manifest,
-    part_path,
-    read_manifest,
-    staged_output,
-    write_json_atomic,
-)
+from miniplm.selection.report import write_report
 from miniplm.selection.topk import Cut, exact_top
 
 CHUNK = 1 << 20
-FORMAT_VERSION = 1
 SELECTORS = ("difference", "teacher-ppl", "ref-ppl", "random")
 NEEDS = {"difference": ("teacher", "reference"), "teacher-ppl": ("teacher",), "ref-ppl": ("reference",),
          "random": ()}
@@ -53,12 +45,12 @@ ROW_SCHEMA = pa.schema([("instance_id", pa.int64()), ("domain", pa.string()), ("
 
 
 @dataclass
-class SelectConfig:
+class SelectConfig(Progress):
     corpus: str = option("out/corpus", "the `miniplm prepare` output the scores belong to")
     split: str = option("train", "the scored split")
     teacher: str | None = option("out/scores/teacher", "the teacher's `miniplm score` output")
     reference: str | None = option("out/scores/ref", "the reference model's `miniplm score` output")
-    output: str = option("out/selection", "output directory")
+    output: str = option("out/selection", "output directory", hashed=False)
     selector: Literal["difference", "teacher-ppl", "ref-ppl", "random"] = option(
         "difference", "difference (MiniPLM), teacher-ppl, ref-ppl, or random")
     ref_band: Literal["low", "middle", "high"] = option(
@@ -73,10 +65,7 @@ class SelectConfig:
     max_instances: int | None = option(
         None, "select among the first N instances of the split only (what `miniplm score --max-instances N` "
         "scored; for quick runs)")
-    report: bool = option(True, "write the selection report (markdown + PNG) into the output")
-    progress: bool = option(True, "show progress")
-
-    NOT_HASHED = ("output", "progress", "report")
+    report: bool = option(True, "write the selection report (markdown + PNG) into the output", hashed=False)
 
     def validate(self) -> None:
         if not 0 < self.alpha <= 1:
@@ -92,16 +81,6 @@ class SelectConfig:
                               f"got {self.domain_quota!r}")
         if isinstance(self.domain_quota, dict) and (not self.domain_quota or min(self.domain_quota.values()) < 0):
             raise ConfigError("domain_quota: a mapping needs at least one domain and no negative share")
-
-
-def uniform_hash(seed: int, ids: np.ndarray) -> np.ndarray:
-    """A uniform number in (0, 1) per (seed, id), the same in any order or chunking (splitmix64)."""
-    with np.errstate(over="ignore"):
-        z = ids.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return ((z >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
 
 
 class ScoreArrays:
@@ -129,9 +108,9 @@ class ScoreArrays:
         run = Path(run_dir)
         manifest = read_manifest(run)
         if manifest is None or manifest.get("stage") != "score":
-            plan = run / "plan.json"
-            if plan.is_file():
-                parts = json.loads(plan.read_text())["parts"]
+            plan = read_plan(run)
+            if plan is not None and "parts" in plan:
+                parts = plan["parts"]
                 missing = [p for p in range(parts) if not part_path(run, p).is_file()]
                 raise ValueError(f"{name} scores at {run} are unfinished: {len(missing)} of {parts} parts are "
                                  f"missing (parts {missing[:10]}{'...' if len(missing) > 10 else ''}); rerun the "
@@ -205,27 +184,29 @@ def _largest_remainder(total: int, shares: dict[int, float], caps: dict[int, int
     return out
 
 
-def select(config: SelectConfig, force: bool = False, log=print) -> dict:
-    started = time.time()
-    corpus = PackedCorpus(config.corpus)
-    needs = NEEDS[config.selector]
-    runs = {"teacher": config.teacher, "reference": config.reference}
-    for name in needs:
-        if runs[name] is None:
-            raise ConfigError(f"selector {config.selector} needs {name} scores: set --{name}")
-    inputs = {name: (read_manifest(runs[name]) or {}).get("key") for name in needs}
-    quota_source = None
-    if isinstance(config.domain_quota, str) and config.domain_quota.startswith("from:"):
-        quota_source = read_manifest(config.domain_quota[5:])
-        if quota_source is None or quota_source.get("stage") != "select":
-            raise FileNotFoundError(f"domain_quota: {config.domain_quota[5:]} is not a `miniplm select` output")
-    cfg_hash = config_hash(config, exclude=SelectConfig.NOT_HASHED)
-    key = manifest_key(FORMAT_VERSION, cfg_hash, corpus.key, inputs, quota_source and quota_source["key"])
-    if not force and is_up_to_date(config.output, key):
-        log(f"select: {config.output} is up to date (key {key}); pass --force to redo it")
-        return read_manifest(config.output)
+class Select(Stage):
+    name = "select"
+    config = SelectConfig
 
-    with staged_output(config.output) as out:
+    def inputs(self, config: SelectConfig, log) -> dict:
+        runs = {"teacher": config.teacher, "reference": config.reference}
+        for name in NEEDS[config.selector]:
+            if runs[name] is None:
+                raise ConfigError(f"selector {config.selector} needs {name} scores: set --{name}")
+        quota = None
+        if isinstance(config.domain_quota, str) and config.domain_quota.startswith("from:"):
+            source = read_manifest(config.domain_quota[5:])
+            if source is None or source.get("stage") != "select":
+                raise FileNotFoundError(f"domain_quota: {config.domain_quota[5:]} is not a `miniplm select` output")
+            quota = source["key"]
+        return {"corpus": PackedCorpus(config.corpus).key, "domain_quota": quota,
+                "scores": {name: (read_manifest(runs[name]) or {}).get("key") for name in NEEDS[config.selector]}}
+
+    def run(self, config: SelectConfig, out: Path, inputs: dict, log) -> dict:
+        corpus = PackedCorpus(config.corpus)
+        needs = NEEDS[config.selector]
+        runs = {"teacher": config.teacher, "reference": config.reference}
+        quota_source = read_manifest(config.domain_quota[5:]) if inputs["domain_quota"] else None
         work = out / "work"
         work.mkdir()
         arrays = ScoreArrays(corpus, config.split, work, config.max_instances)
@@ -282,12 +263,9 @@ def select(config: SelectConfig, force: bool = False, log=print) -> dict:
 
         domains = _write_rows(out / "instances.parquet", arrays, config, median, cuts)
         kept = sum(v["kept"] for v in domains.values())
-        manifest = new_manifest(
-            "select", key, to_dict(config),
-            config_hash=cfg_hash,
-            format_version=FORMAT_VERSION,
+        facts = dict(
             corpus={"path": str(corpus.path), "key": corpus.key, "split": config.split},
-            scores={name: {"path": runs[name], "key": inputs[name]} for name in needs},
+            scores={name: {"path": runs[name], "key": inputs["scores"][name]} for name in needs},
             instances=arrays.n,
             invalid_scores=invalid,
             target=({"budget_tokens": config.budget_tokens} if by_tokens
@@ -299,17 +277,23 @@ def select(config: SelectConfig, force: bool = False, log=print) -> dict:
                   for d, c in cuts.items()},
             median_ref_logp=median,
             domains=domains,
-            wall_seconds=round(time.time() - started, 2),
         )
         for path in work.iterdir():
             path.unlink()
         work.rmdir()
-        write_json_atomic(out / "manifest.json", manifest)
-    if config.report:
-        from miniplm.selection.report import write_report
+        if config.report:
+            write_report(out, {**facts, "config": to_dict(config)}, log)
+        return facts
 
-        write_report(Path(config.output), log=log)
-    return manifest
+    def summary(self, manifest: dict) -> str:
+        c = manifest["config"]
+        return (f"selected {manifest['kept']:,} of {manifest['instances']:,} instances ({manifest['kept_tokens']:,} "
+                f"tokens) of {c['corpus']}/{c['split']} with {c['selector']} into {manifest['output']}")
+
+
+def select(config: SelectConfig, force: bool = False, log=print) -> StageResult:
+    """Select (or reuse an up-to-date selection)."""
+    return execute(Select(), config, force, log)
 
 
 def _stream(arrays: ScoreArrays, keys_of, domain: int | None = None, by_tokens: bool = False):

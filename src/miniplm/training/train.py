@@ -25,23 +25,28 @@ from typing import Literal
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from miniplm import distributed
-from miniplm.config import ConfigError, config_hash, option, require_at_least_one, to_dict
+from miniplm.core import distributed
+from miniplm.core.config import Compute, ConfigError, option, require_at_least_one
+from miniplm.core.flops import training_flops
+from miniplm.core.models import load_causal_lm, quiet_transformers, resolve_device, resolve_precision
+from miniplm.core.progress import progress
+from miniplm.core.stage import Stage, StageResult, execute
+from miniplm.core.tokenizer import load_tokenizer, source_fingerprint
+from miniplm.core.tokens import masked_input_ids, vocab_fingerprint
 from miniplm.data.shards import PackedCorpus, PackedSplit
-from miniplm.manifest import manifest_key, new_manifest, read_manifest, write_json_atomic
-from miniplm.models import quiet_transformers, resolve_precision
-from miniplm.progress import progress
+from miniplm.evaluation.loss import HeldOut, heldout_loss
 from miniplm.training.presets import FAMILIES, PRESETS, SIZES, build_config
-
-FORMAT_VERSION = 1
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Compute):
     corpus: str = option("out/corpus", "a `miniplm prepare` (or `miniplm export --format tokens`) output")
     split: str = option("train", "split to train on (ref: D_ref, for the reference model)")
-    output: str = option("out/train", "run directory: checkpoints, metrics.jsonl, final/")
+    output: str = option("out/train", "run directory: checkpoints, metrics.jsonl, final/", hashed=False)
     model: str = option("qwen2-mini", f"a preset <family>-<size> (families {', '.join(FAMILIES)}; sizes "
                         f"{', '.join(SIZES)}) or a transformers config.json path")
     lr: float | None = option(None, "peak learning rate (null: the preset's)")
@@ -56,12 +61,10 @@ class TrainConfig:
     beta2: float = option(0.98, "AdamW beta2")
     eps: float = option(1e-6, "AdamW epsilon")
     grad_clip: float = option(1.0, "gradient norm clip")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "autocast dtype (weights stay fp32)")
     seed: int = option(10, "seed of the initial weights (the paper's)")
-    save_every: int = option(100, "checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
-    log_every: int = option(10, "log every N steps")
-    threads: int | None = option(None, "torch CPU threads (null: torch's default)")
+    save_every: int = option(100, "checkpoint every N steps (and at the end)", hashed=False)
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep", hashed=False)
+    log_every: int = option(10, "log every N steps", hashed=False)
     kd: Literal["none", "vanilla"] = option("none", "vanilla: online token-level KD from the teacher (a baseline)")
     teacher: str = option("smollm2", "the KD teacher: local directory, hub id, .gguf file, or 'smollm2'")
     kd_lambda: float = option(0.5, "KD loss = (1 - lambda) * CE + lambda * CE(teacher probs, student log-probs)")
@@ -73,11 +76,9 @@ class TrainConfig:
                                      "another tokenizer is re-tokenized for the model)")
     eval_split: str = option("heldout_hq", "the corpus split evaluated by eval_every")
     eval_max_instances: int | None = option(256, "evaluate the first N instances of eval_split (null: all)")
-    progress: bool = option(True, "show a progress bar")
-
-    NOT_HASHED = ("output", "save_every", "keep_checkpoints", "log_every", "threads", "progress")
 
     def validate(self) -> None:
+        super().validate()
         require_at_least_one(self, "batch_size", "save_every", "log_every", "keep_checkpoints", "max_steps",
                              "max_tokens", "eval_max_instances")
         if self.eval_every < 0:
@@ -155,8 +156,6 @@ def planned_steps(config: TrainConfig, split: PackedSplit) -> int:
 
 
 def build_model(config: TrainConfig, corpus: PackedCorpus, tokenizer):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     max_len = corpus.manifest["max_len"]
     if config.model in PRESETS:
         model_config = build_config(config.model, len(tokenizer), max_len + 1, corpus.eos_id, tokenizer.pad_token_id)
@@ -171,10 +170,6 @@ def build_model(config: TrainConfig, corpus: PackedCorpus, tokenizer):
 
 def _load_teacher(config: TrainConfig, corpus: PackedCorpus, tokenizer, device):
     """The KD teacher, refused unless its tokenizer is the corpus's (token-level KD needs one vocabulary)."""
-    from miniplm.models import load_causal_lm
-    from miniplm.scoring.run import vocab_fingerprint
-    from miniplm.tokenizer import load_tokenizer
-
     teacher_tokenizer = load_tokenizer(config.teacher, trust_remote_code=False)
     if vocab_fingerprint(teacher_tokenizer) != vocab_fingerprint(tokenizer):
         raise ValueError(f"--kd vanilla needs one vocabulary: teacher '{config.teacher}' has a "
@@ -188,150 +183,170 @@ def _latest_checkpoint(output: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def train(config: TrainConfig, log=print) -> dict:
-    started = time.time()
-    quiet_transformers()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    corpus = PackedCorpus(config.corpus)
-    split = corpus.split(config.split)
-    if len(split) == 0:
-        raise ValueError(f"{config.corpus}/{config.split} has no instances to train on")
-    tokenizer = corpus.load_tokenizer()
-    output = Path(config.output)
-    cfg_hash = config_hash(config, exclude=TrainConfig.NOT_HASHED)
-    key = manifest_key(FORMAT_VERSION, cfg_hash, corpus.key)
-    previous = read_manifest(output)
-    if previous is not None and previous.get("key") == key and previous.get("status") == "done":
-        log(f"train: {output} is done (key {key}); delete it to train again")
-        return previous
-    rank, world, local_rank = distributed.rank_world()
-    if config.batch_size % world:
-        raise ConfigError(f"batch_size: {config.batch_size} sequences do not split evenly over {world} ranks")
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    distributed.init(device)
-    if rank != 0:
-        log = lambda message: None  # noqa: E731 - one voice in the log
-    run_file = output / "run.json"
-    if rank == 0:
-        if run_file.is_file() and json.loads(run_file.read_text()).get("key") != key:
-            log(f"train: {output} holds a run with another config or corpus: starting over")
-            shutil.rmtree(output)
-        output.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_file, {"key": key, "config": to_dict(config)})
-    distributed.barrier()
+class Train(Stage):
+    name = "train"
+    config = TrainConfig
+    in_place = True  # checkpoints survive a kill
 
-    model = build_model(config, corpus, tokenizer).to(device)
-    total_steps = planned_steps(config, split)
-    n_params = sum(p.numel() for p in model.parameters())
-    teacher = _load_teacher(config, corpus, tokenizer, device) if config.kd == "vanilla" else None
-    n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
-    if teacher is not None and config.match_flops:
-        full = total_steps
-        total_steps = flop_matched_steps(full, n_params, n_teacher)
-        log(f"train: --match-flops: {full} steps -> {total_steps} (student {n_params / 1e6:.1f}M, teacher "
-            f"{n_teacher / 1e6:.1f}M: the teacher's forward costs the difference)")
-    peak_lr = config.lr if config.lr is not None else PRESETS.get(config.model, SIZES["mini"]).lr
+    def inputs(self, config: TrainConfig, log) -> dict:
+        return {"corpus": PackedCorpus(config.corpus).key,
+                "teacher": source_fingerprint(config.teacher) if config.kd == "vanilla" else None}
+
+    def run(self, config: TrainConfig, output: Path, inputs: dict, log) -> dict:
+        quiet_transformers()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        rank, world, local_rank = distributed.rank_world()
+        if config.batch_size % world:
+            raise ConfigError(f"batch_size: {config.batch_size} sequences do not split evenly over {world} ranks")
+        corpus = PackedCorpus(config.corpus)
+        split = corpus.split(config.split)
+        if len(split) == 0:
+            raise ValueError(f"{config.corpus}/{config.split} has no instances to train on")
+        tokenizer = corpus.load_tokenizer()
+        device = resolve_device(config.device, local_rank)
+        model = build_model(config, corpus, tokenizer).to(device)
+        total_steps = planned_steps(config, split)
+        n_params = sum(p.numel() for p in model.parameters())
+        teacher = _load_teacher(config, corpus, tokenizer, device) if config.kd == "vanilla" else None
+        n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
+        if teacher is not None and config.match_flops:
+            full = total_steps
+            total_steps = flop_matched_steps(full, n_params, n_teacher)
+            log(f"train: --match-flops: {full} steps -> {total_steps} (student {n_params / 1e6:.1f}M, teacher "
+                f"{n_teacher / 1e6:.1f}M: the teacher's forward costs the difference)")
+        peak_lr = config.lr if config.lr is not None else PRESETS.get(config.model, SIZES["mini"]).lr
+        optimizer = _optimizer(model, config, peak_lr)
+        step, position, tokens_seen = 0, 0, 0
+        checkpoint = _latest_checkpoint(output)
+        if checkpoint is not None:
+            step, position, tokens_seen = _load_checkpoint(checkpoint, model, optimizer, device)
+            log(f"train: resuming {output} from step {step}")
+        heldout = None
+        if config.eval_every and rank == 0:
+            eval_corpus = PackedCorpus(config.eval_corpus) if config.eval_corpus else corpus
+            heldout = HeldOut(eval_corpus, config.eval_split, config.eval_max_instances)
+        if rank == 0:
+            _truncate_log(output / "metrics.jsonl", step)
+            _truncate_log(output / "eval.jsonl", step)
+        distributed.barrier()
+        log(f"train: {type(model).__name__} {n_params / 1e6:.1f}M parameters, {total_steps} steps of "
+            f"{config.batch_size} sequences on {config.corpus}/{config.split}, autocast "
+            f"{resolve_precision(config.precision, device)}, {world} rank(s)")
+        loop = _Loop(config, output, model, teacher, optimizer, tokenizer, heldout, n_params, n_teacher,
+                     masked_input_ids(corpus.eos_id, tokenizer), Batches(split, config.batch_size, corpus.eos_id))
+        tokens_seen = loop.run(step, total_steps, position, tokens_seen, peak_lr)
+        if rank != 0:
+            return {}  # rank 0 writes the model and the manifest
+        final = output / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(_latest_checkpoint(output), final, ignore=shutil.ignore_patterns("trainer.pt"))
+        curve = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        return dict(status="done", corpus={"path": str(corpus.path), "key": corpus.key, "split": config.split},
+                    model={"class": type(model).__name__, "parameters": n_params, "final": "final"},
+                    teacher={"spec": config.teacher, "parameters": n_teacher} if teacher is not None else None,
+                    steps=total_steps, tokens=tokens_seen, final_loss=curve[-1]["loss"] if curve else None)
+
+    def summary(self, manifest: dict) -> str:
+        return (f"trained {manifest['model']['class']} ({manifest['model']['parameters'] / 1e6:.1f}M) for "
+                f"{manifest['steps']} steps, {manifest['tokens']:,} tokens, final loss {manifest['final_loss']}; "
+                f"model in {manifest['output']}/final")
+
+
+def train(config: TrainConfig, force: bool = False, log=print) -> StageResult:
+    """Train (resuming a killed run onto the same curve), or reuse a finished run; `force` trains anew."""
+    return execute(Train(), config, force, log)
+
+
+def _optimizer(model, config: TrainConfig, peak_lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=peak_lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True)
-    step, position, tokens_seen = 0, 0, 0
-    checkpoint = _latest_checkpoint(output)
-    if checkpoint is not None:
-        step, position, tokens_seen = _load_checkpoint(checkpoint, model, optimizer, device)
-        log(f"train: resuming {output} from step {step}")
-    heldout = None
-    if config.eval_every and rank == 0:
-        from miniplm.evaluation.loss import HeldOut
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=peak_lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True)
 
-        eval_corpus = PackedCorpus(config.eval_corpus) if config.eval_corpus else corpus
-        heldout = HeldOut(eval_corpus, config.eval_split, config.eval_max_instances)
-    if rank == 0:
-        _truncate_log(output / "metrics.jsonl", step)
-        _truncate_log(output / "eval.jsonl", step)
-    distributed.barrier()
-    ddp_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
 
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+@dataclass
+class _Loop:
+    """The training loop and what it needs, so that the loop reads as the steps it takes."""
 
-    masked = {corpus.eos_id} | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set())
-    masked_ids = torch.tensor(sorted(masked), device=device)
-    batches = Batches(split, config.batch_size, corpus.eos_id)
-    dtype = resolve_precision(config.precision, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else (
-        lambda: torch.autocast(device.type, enabled=False))
-    log(f"train: {type(model).__name__} {n_params / 1e6:.1f}M parameters, {total_steps} steps of "
-        f"{config.batch_size} sequences on {config.corpus}/{config.split}, autocast {dtype}, {world} rank(s)")
-    model.train()
-    window_start, window_tokens = time.time(), 0
-    metrics = open(output / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
-    with progress(config.progress and rank == 0, total_steps, "train", unit="steps") as advance:
-        advance(step)
-        while step < total_steps:
-            lr = lr_at(step, total_steps, peak_lr, config.warmup_steps, config.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            tokens, real = batches.get(position)  # the global batch; each rank trains on its rows
-            batch_tokens = int(real.sum())
-            tokens, real = tokens[rank::world].to(device), real[rank::world].to(device)
-            with autocast():
-                logits = ddp_model(input_ids=tokens, use_cache=False).logits
-                teacher_logits = None
-                if teacher is not None:
-                    with torch.no_grad():  # the teacher is frozen, in eval mode
-                        teacher_logits = teacher(input_ids=tokens, use_cache=False).logits
-            loss_sum, count = masked_loss(logits, tokens, real, masked_ids, teacher_logits, config.kd_lambda,
-                                          config.kd_temperature)
-            total = distributed.all_reduce_sum(count).clamp(min=1)
-            optimizer.zero_grad(set_to_none=True)
-            # DDP averages gradients over ranks: scaling by world makes them those of the global mean
-            (loss_sum * world / total).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            loss = distributed.all_reduce_sum(loss_sum.detach()) / total  # read (a device sync) only when logged
-            step += 1
-            position += config.batch_size
-            tokens_seen += batch_tokens
-            window_tokens += batch_tokens
-            advance(1)
-            if metrics is not None and (step % config.log_every == 0 or step == total_steps):
-                elapsed = time.time() - window_start
-                metrics.write(json.dumps({"step": step, "loss": round(loss.item(), 6), "lr": lr,
-                                          "grad_norm": round(float(grad_norm), 6), "tokens": tokens_seen,
-                                          "tokens_per_second": round(window_tokens / max(elapsed, 1e-9), 1)}) + "\n")
-                metrics.flush()
-                window_start, window_tokens = time.time(), 0
-            if heldout is not None and (step % config.eval_every == 0 or step == total_steps):
-                _log_eval(output / "eval.jsonl", model, tokenizer, heldout, config.precision, step, tokens_seen,
-                          n_params, n_teacher)
-            if step % config.save_every == 0 or step == total_steps:
-                if rank == 0:
-                    _save_checkpoint(output, step, position, tokens_seen, model, optimizer, tokenizer,
-                                     config.keep_checkpoints)
-                distributed.barrier()
-    if metrics is not None:
-        metrics.close()
-    if rank != 0:
-        distributed.finish()
-        return {}  # rank 0 writes the model and the manifest
-    final = output / "final"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(_latest_checkpoint(output), final, ignore=shutil.ignore_patterns("trainer.pt"))
-    curve = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    manifest = new_manifest("train", key, to_dict(config), config_hash=cfg_hash, format_version=FORMAT_VERSION,
-                            status="done", corpus={"path": str(corpus.path), "key": corpus.key, "split": config.split},
-                            model={"class": type(model).__name__, "parameters": n_params, "final": "final"},
-                            teacher={"spec": config.teacher, "parameters": n_teacher} if teacher is not None else None,
-                            steps=total_steps, tokens=tokens_seen, final_loss=curve[-1]["loss"] if curve else None,
-                            wall_seconds=round(time.time() - started, 2))
-    write_json_atomic(output / "manifest.json", manifest)
-    distributed.finish()
-    return manifest
+    config: TrainConfig
+    output: Path
+    model: torch.nn.Module
+    teacher: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    heldout: HeldOut | None
+    n_params: int
+    n_teacher: int
+    masked: set[int]
+    batches: Batches
+
+    def run(self, step: int, total_steps: int, position: int, tokens_seen: int, peak_lr: float) -> int:
+        """Train from `step` to `total_steps`; returns the tokens seen."""
+        config, model, teacher, optimizer, output = self.config, self.model, self.teacher, self.optimizer, self.output
+        rank, world, _ = distributed.rank_world()
+        device = next(model.parameters()).device
+        ddp_model = model
+        if world > 1:
+            ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        masked_ids = torch.tensor(sorted(self.masked), device=device)
+        dtype = resolve_precision(config.precision, device)
+        autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else (
+            lambda: torch.autocast(device.type, enabled=False))
+        model.train()
+        window_start, window_tokens = time.time(), 0
+        metrics = open(output / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+        with progress(config.progress and rank == 0, total_steps, "train", unit="steps") as advance:
+            advance(step)
+            while step < total_steps:
+                lr = lr_at(step, total_steps, peak_lr, config.warmup_steps, config.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                tokens, real = self.batches.get(position)  # the global batch; each rank trains on its rows
+                batch_tokens = int(real.sum())
+                tokens, real = tokens[rank::world].to(device), real[rank::world].to(device)
+                with autocast():
+                    logits = ddp_model(input_ids=tokens, use_cache=False).logits
+                    teacher_logits = None
+                    if teacher is not None:
+                        with torch.no_grad():  # the teacher is frozen, in eval mode
+                            teacher_logits = teacher(input_ids=tokens, use_cache=False).logits
+                loss_sum, count = masked_loss(logits, tokens, real, masked_ids, teacher_logits, config.kd_lambda,
+                                              config.kd_temperature)
+                total = distributed.all_reduce_sum(count).clamp(min=1)
+                optimizer.zero_grad(set_to_none=True)
+                # DDP averages gradients over ranks: scaling by world makes them those of the global mean
+                (loss_sum * world / total).backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                loss = distributed.all_reduce_sum(loss_sum.detach()) / total  # read (a device sync) when logged
+                step += 1
+                position += config.batch_size
+                tokens_seen += batch_tokens
+                window_tokens += batch_tokens
+                advance(1)
+                if metrics is not None and (step % config.log_every == 0 or step == total_steps):
+                    elapsed = time.time() - window_start
+                    row = {"step": step, "loss": round(loss.item(), 6), "lr": lr,
+                           "grad_norm": round(float(grad_norm), 6), "tokens": tokens_seen,
+                           "tokens_per_second": round(window_tokens / max(elapsed, 1e-9), 1)}
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                    window_start, window_tokens = time.time(), 0
+                if self.heldout is not None and (step % config.eval_every == 0 or step == total_steps):
+                    _log_eval(output / "eval.jsonl", model, self.tokenizer, self.heldout, config.precision, step,
+                              tokens_seen, self.n_params, self.n_teacher)
+                if step % config.save_every == 0 or step == total_steps:
+                    if rank == 0:
+                        _save_checkpoint(output, step, position, tokens_seen, model, optimizer, self.tokenizer,
+                                         config.keep_checkpoints)
+                    distributed.barrier()
+        if metrics is not None:
+            metrics.close()
+        return tokens_seen
 
 
 def _save_checkpoint(output: Path, step: int, position: int, tokens: int, model, optimizer, tokenizer,
@@ -357,8 +372,6 @@ def _save_checkpoint(output: Path, step: int, position: int, tokens: int, model,
 
 
 def _load_checkpoint(path: Path, model, optimizer, device) -> tuple[int, int, int]:
-    from safetensors.torch import load_file
-
     weights = load_file(path / "model.safetensors", device=str(device))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
@@ -375,10 +388,8 @@ def _load_checkpoint(path: Path, model, optimizer, device) -> tuple[int, int, in
 
 def _log_eval(path: Path, model, tokenizer, heldout, precision: str, step: int, tokens: int, n_params: int,
               n_teacher: int) -> None:
-    from miniplm.evaluation.loss import heldout_loss, training_flops
-
     result = heldout_loss(model, tokenizer, heldout, precision)
-    row = {"step": step, "tokens": tokens, "flops": training_flops(n_params, tokens, n_teacher),
+    row = {"step": step, "tokens": tokens, "flops": float(training_flops(n_params, tokens, n_teacher)),
            "loss_per_token": round(result["loss_per_token"], 6),
            "loss_per_instance": round(result["loss_per_instance"], 6)}
     with open(path, "a", encoding="utf-8") as fh:

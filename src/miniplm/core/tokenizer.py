@@ -12,6 +12,12 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from miniplm.core.hashing import file_sha256
+from miniplm.core.manifest import staged_output
+from miniplm.core.paths import cache_dir
+
 DEFAULT_TOKENIZER = "smollm2"
 
 
@@ -48,15 +54,9 @@ class PackagedTokenizer:
     eos_token: str
 
     def directory(self) -> Path:
-        from miniplm.data.default_corpus import cache_dir
-
         source = self.model.path()
         target = cache_dir() / "tokenizers" / f"{source.stem}-{file_sha256(source)[:12]}"
         if not (target / "tokenizer_config.json").is_file():
-            from transformers import PreTrainedTokenizerFast
-
-            from miniplm.manifest import staged_output
-
             with staged_output(target) as tmp:
                 PreTrainedTokenizerFast(tokenizer_file=str(source), eos_token=self.eos_token).save_pretrained(tmp)
         return target
@@ -93,8 +93,6 @@ def resolve_source(spec: str) -> tuple[str, str | None]:
 
 def load_tokenizer(spec: str = DEFAULT_TOKENIZER, trust_remote_code: bool = False):
     """A transformers tokenizer for `spec` (see `resolve_source`), with a clear error when it cannot load."""
-    from transformers import AutoTokenizer
-
     source, gguf_file = resolve_source(spec)
     if gguf_file is not None:
         require_module("gguf", "reading a GGUF file")
@@ -126,14 +124,6 @@ def source_fingerprint(spec: str) -> str:
         digest.update(path.name.encode())
         digest.update(file_sha256(path).encode())
     return digest.hexdigest()[:16]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def require_module(module: str, purpose: str, install: str | None = None) -> None:

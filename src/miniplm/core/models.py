@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from miniplm.tokenizer import require_module, resolve_source
+from miniplm.core.tokenizer import require_module, resolve_source
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -113,3 +113,10 @@ def _cpu_has_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """auto: this rank's GPU when there is one, else the CPU; otherwise the device named."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +29,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from miniplm.config import ConfigError, config_hash, option, to_dict
+from miniplm.core.config import ConfigError, Progress, option
+from miniplm.core.manifest import read_manifest, write_json_atomic
+from miniplm.core.stage import Stage, StageResult, execute
+from miniplm.core.tokenizer import load_tokenizer, source_fingerprint
+from miniplm.core.tokens import Retokenizer
 from miniplm.data.packing import Instance
 from miniplm.data.shards import PackedCorpus, ShardWriter, atomic_write, token_dtype
-from miniplm.manifest import is_up_to_date, manifest_key, new_manifest, read_manifest, staged_output, write_json_atomic
-from miniplm.tokenizer import load_tokenizer, source_fingerprint
 
-FORMAT_VERSION = 1
 ROWS_PER_BATCH = 4096
 MEGATRON_DTYPES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
                    np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7,
@@ -44,7 +44,7 @@ MEGATRON_DTYPES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int1
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(Progress):
     selection: str = option("out/selection", "a `miniplm select` output")
     subset: Literal["selected", "unselected", "all"] = option("selected", "which instances to export")
     format: Literal["jsonl", "parquet", "tokens", "megatron", "nanogpt", "hf"] = option(
@@ -53,51 +53,12 @@ class ExportConfig:
     max_len: int | None = option(None, "student sequence length: instances are truncated to max_len + 1 tokens "
                                  "(null: the corpus's max_len)")
     add_bos: Literal["auto", "yes", "no"] = option("auto", "prepend BOS (auto: when the student tokenizer adds one)")
-    output: str = option("out/export", "output directory")
-    trust_remote_code: bool = option(False, "allow the tokenizer's own code to run")
-    progress: bool = option(True, "show progress")
-
-    NOT_HASHED = ("output", "progress", "trust_remote_code")
+    output: str = option("out/export", "output directory", hashed=False)
+    trust_remote_code: bool = option(False, "allow the tokenizer's own code to run", hashed=False)
 
     def validate(self) -> None:
         if self.max_len is not None and self.max_len < 8:
             raise ConfigError(f"max_len: must be at least 8, got {self.max_len}")
-
-
-class Retokenizer:
-    """Corpus token ids -> student token ids, one instance to one instance."""
-
-    def __init__(self, source, source_eos: int, student, max_len: int, add_bos: str):
-        self.source, self.source_eos, self.student, self.max_len = source, source_eos, student, max_len
-        if student.eos_token_id is None:
-            raise ValueError(f"student tokenizer {type(student).__name__} has no EOS token to separate documents")
-        bos = student.bos_token_id
-        uses_bos = bos is not None and student("a")["input_ids"][:1] == [bos]
-        self.bos = bos if (add_bos == "yes" or (add_bos == "auto" and uses_bos)) else None
-        if add_bos == "yes" and bos is None:
-            raise ValueError("add_bos: yes, but the student tokenizer has no BOS token")
-        self.pieces = self.lossy = 0
-
-    def pieces_of(self, tokens: np.ndarray) -> list[tuple[str, bool]]:
-        """(decoded text, ended with EOS) for each document or piece of an instance."""
-        ends = np.flatnonzero(tokens == self.source_eos)
-        bounds = zip([0, *(ends + 1)], [*ends, len(tokens)])
-        out = []
-        for a, b in bounds:
-            closed = b < len(tokens) and tokens[b] == self.source_eos
-            if b > a or closed:
-                out.append((self.source.decode(tokens[a:b].tolist()), bool(closed)))
-        return out
-
-    def __call__(self, tokens: np.ndarray) -> np.ndarray:
-        ids = [] if self.bos is None else [self.bos]
-        for text, closed in self.pieces_of(tokens):
-            encoded = self.student(text, add_special_tokens=False)["input_ids"] if text else []
-            self.pieces += 1
-            if text and self.student.decode(encoded) != text:
-                self.lossy += 1
-            ids += encoded + ([self.student.eos_token_id] if closed else [])
-        return np.asarray(ids[: self.max_len + 1], dtype=np.int64)
 
 
 def _rows(selection: Path, subset: str) -> Iterator[dict]:
@@ -111,35 +72,32 @@ def _rows(selection: Path, subset: str) -> Iterator[dict]:
             yield table.to_pydict()
 
 
-def export(config: ExportConfig, force: bool = False, log=print) -> dict:
-    started = time.time()
-    selection = Path(config.selection)
-    sel_manifest = read_manifest(selection)
-    if sel_manifest is None or sel_manifest.get("stage") != "select":
-        raise FileNotFoundError(f"{selection} is not a `miniplm select` output (no select manifest.json)")
-    corpus = PackedCorpus(sel_manifest["corpus"]["path"])
-    if corpus.key != sel_manifest["corpus"]["key"]:
-        raise ValueError(f"{corpus.path} changed since {selection} was selected from it (corpus key "
-                         f"{corpus.key} != {sel_manifest['corpus']['key']}); select again")
-    split = corpus.split(sel_manifest["corpus"]["split"])
-    max_len = config.max_len or corpus.manifest["max_len"]
-    cfg_hash = config_hash(config, exclude=ExportConfig.NOT_HASHED)
-    key = manifest_key(FORMAT_VERSION, cfg_hash, sel_manifest["key"],
-                       source_fingerprint(config.tokenizer) if config.tokenizer else None)
-    if not force and is_up_to_date(config.output, key):
-        log(f"export: {config.output} is up to date (key {key}); pass --force to redo it")
-        return read_manifest(config.output)
+class Export(Stage):
+    name = "export"
+    config = ExportConfig
 
-    source_tok = corpus.load_tokenizer()
-    token_format = config.format in ("tokens", "megatron", "nanogpt", "hf")
-    student = load_tokenizer(config.tokenizer, config.trust_remote_code) if config.tokenizer else None
-    convert = None
-    if token_format and student is not None:
-        convert = Retokenizer(source_tok, corpus.eos_id, student, max_len, config.add_bos)
-    vocab = len(student) if student is not None else len(source_tok)
-    dtype = token_dtype(vocab)
+    def inputs(self, config: ExportConfig, log) -> dict:
+        return {"selection": _selection_manifest(config)["key"],
+                "tokenizer": source_fingerprint(config.tokenizer) if config.tokenizer else None}
 
-    with staged_output(config.output) as out:
+    def run(self, config: ExportConfig, out: Path, inputs: dict, log) -> dict:
+        selection = Path(config.selection)
+        sel_manifest = _selection_manifest(config)
+        corpus = PackedCorpus(sel_manifest["corpus"]["path"])
+        if corpus.key != sel_manifest["corpus"]["key"]:
+            raise ValueError(f"{corpus.path} changed since {selection} was selected from it (corpus key "
+                             f"{corpus.key} != {sel_manifest['corpus']['key']}); select again")
+        split = corpus.split(sel_manifest["corpus"]["split"])
+        max_len = config.max_len or corpus.manifest["max_len"]
+        source_tok = corpus.load_tokenizer()
+        token_format = config.format in ("tokens", "megatron", "nanogpt", "hf")
+        student = load_tokenizer(config.tokenizer, config.trust_remote_code) if config.tokenizer else None
+        convert = None
+        if token_format and student is not None:
+            convert = Retokenizer(source_tok, corpus.eos_id, student, max_len, config.add_bos)
+        vocab = len(student) if student is not None else len(source_tok)
+        dtype = token_dtype(vocab)
+
         if student is not None and token_format:
             student.save_pretrained(out / "tokenizer")
         elif token_format:
@@ -163,8 +121,7 @@ def export(config: ExportConfig, force: bool = False, log=print) -> dict:
             if lossy["fraction"] > 0.01:
                 log(f"warning: {lossy['fraction']:.1%} of document pieces do not round-trip through the student "
                     f"tokenizer {config.tokenizer} (decode(encode(text)) != text)")
-        manifest = new_manifest(
-            "export", key, to_dict(config), config_hash=cfg_hash, format_version=FORMAT_VERSION,
+        return dict(
             selection={"path": str(selection), "key": sel_manifest["key"]},
             corpus={"path": str(corpus.path), "key": corpus.key},
             instances=count, tokens=tokens, dtype=dtype.name if token_format else None, max_len=max_len,
@@ -175,10 +132,23 @@ def export(config: ExportConfig, force: bool = False, log=print) -> dict:
                        **({"eos_id": int(student.eos_token_id if student is not None else corpus.eos_id),
                            "dtype": dtype.name, "path": "tokenizer"} if token_format else {})},
             splits={"train": {"instances": count, "tokens": tokens}} if config.format == "tokens" else None,
-            round_trip=lossy, files=details, wall_seconds=round(time.time() - started, 2),
+            round_trip=lossy, files=details,
         )
-        write_json_atomic(out / "manifest.json", manifest)
-    log(f"export: {count:,} instances ({tokens:,} tokens) as {config.format} in {config.output}")
+
+    def summary(self, manifest: dict) -> str:
+        return (f"exported {manifest['instances']:,} instances ({manifest['tokens']:,} tokens) as "
+                f"{manifest['config']['format']} into {manifest['output']}")
+
+
+def export(config: ExportConfig, force: bool = False, log=print) -> StageResult:
+    """Export the selection (or reuse an up-to-date export)."""
+    return execute(Export(), config, force, log)
+
+
+def _selection_manifest(config: ExportConfig) -> dict:
+    manifest = read_manifest(config.selection)
+    if manifest is None or manifest.get("stage") != "select":
+        raise FileNotFoundError(f"{config.selection} is not a `miniplm select` output (no select manifest.json)")
     return manifest
 
 

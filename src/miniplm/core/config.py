@@ -13,6 +13,7 @@ import hashlib
 import json
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -173,10 +174,21 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
     return from_dict(cls, data)
 
 
-def config_hash(obj: Any, exclude: tuple[str, ...] = ()) -> str:
-    """Stable hash of the fields that change outputs (`exclude` lists top-level fields that do not)."""
-    data = {k: v for k, v in to_dict(obj).items() if k not in exclude}
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+def hashed_fields(obj: Any) -> Any:
+    """`obj` as plain data without the fields declared `hashed=False` (at any depth)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: hashed_fields(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if f.metadata.get("hashed", True)}
+    if isinstance(obj, dict):
+        return {k: hashed_fields(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [hashed_fields(v) for v in obj]
+    return obj
+
+
+def config_hash(obj: Any) -> str:
+    """Stable hash of the fields that change outputs: every field but those declared `hashed=False`."""
+    blob = json.dumps(hashed_fields(obj), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -213,8 +225,36 @@ def iter_leaf_fields(cls: type, prefix: str = ""):
             yield name, tp, default, f.metadata.get("help", "")
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", default_factory: Any = dataclasses.MISSING):
-    """A dataclass field with the help text shown by `miniplm <cmd> --help`."""
+def option(default: Any = dataclasses.MISSING, help: str = "", default_factory: Any = dataclasses.MISSING,
+           hashed: bool = True):
+    """A dataclass field with the help text shown by `miniplm <cmd> --help`. `hashed=False` declares a field that
+    changes how a stage runs but not what it produces (paths, progress bars, threads): it stays out of the key
+    that decides whether an output is up to date."""
+    metadata = {"help": help, "hashed": hashed}
     if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass
+class Progress:
+    """Shared by every stage that can take long."""
+
+    progress: bool = option(True, "show a progress bar", hashed=False)
+
+
+@dataclass
+class Compute(Progress):
+    """Shared by every stage that runs a model: where, how many threads, and in which precision."""
+
+    device: str = option("auto", "auto (cuda when available), cpu, cuda, cuda:N", hashed=False)
+    threads: int | None = option(None, "torch CPU threads (null: torch's default)", hashed=False)
+    precision: Precision = option(
+        "auto", "autocast dtype of the matmuls (auto: bf16 where the CPU/GPU supports it, else fp16/fp32); "
+        "weights stay fp32")
+
+    def validate(self) -> None:
+        require_at_least_one(self, "threads")

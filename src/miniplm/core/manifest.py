@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+PLAN = "plan.json"  # the key of an in-place stage's output while it is being written
 _VERSIONED = ("miniplm", "numpy", "pyarrow", "tokenizers", "transformers", "torch")
 
 
@@ -135,31 +136,45 @@ def part_path(output: str | Path, part: int) -> Path:
     return Path(output) / "parts" / f"part-{part:06d}.parquet"
 
 
-def open_resumable(output: str | Path, key: str, parts: int, stage: str, force: bool, log, **plan) -> int:
-    """Ready `output` for a part-by-part stage and return how many parts are already done.
+def open_parts(output: str | Path) -> Path:
+    """The parts directory of an in-place stage, cleared of the temporary files of a killed writer."""
+    parts = Path(output) / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    for leftover in parts.glob("*.tmp"):
+        leftover.unlink()
+    return parts
 
-    Parts of an interrupted run with the same key are kept; anything else there (another config, model or
-    corpus, or --force) is removed. Leftover temporary files and a stale manifest are deleted, and
-    `plan.json` records the key so that the next run can tell.
+
+def read_plan(output: str | Path) -> dict | None:
+    """The plan of an in-place stage's output (its key, and what the stage added): None when absent or damaged."""
+    path = Path(output) / PLAN
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def update_plan(output: str | Path, **fields) -> None:
+    """Add facts to the plan (the number of parts, say) for readers of an unfinished output."""
+    write_json_atomic(Path(output) / PLAN, {**(read_plan(output) or {}), **fields})
+
+
+def reset_in_place(output: str | Path, key: str, force: bool, log) -> None:
+    """Ready `output` for a stage that resumes in place (parts, checkpoints).
+
+    What an interrupted run with the same key left is kept; anything else there (another config, model or
+    corpus, or --force) is removed. A stale manifest is deleted, and `plan.json` records the key so that
+    the next run can tell.
     """
     output = Path(output)
-    plan_path = output / "plan.json"
-    previous = None
-    if plan_path.is_file():
-        try:
-            previous = json.loads(plan_path.read_text()).get("key")
-        except json.JSONDecodeError:
-            previous = None
+    previous = (read_plan(output) or {}).get("key")
     if output.exists() and (force or previous != key):
-        if previous is not None or (output / "parts").exists():
-            log(f"{stage}: {output} holds another run's output (a changed config, model or corpus): removing it")
+        if any(output.iterdir()):
+            reason = "--force" if force and previous == key else "another run's output (a changed config or input)"
+            log(f"{output} holds {reason}: removing it")
         shutil.rmtree(output)
-    (output / "parts").mkdir(parents=True, exist_ok=True)
-    for leftover in (output / "parts").glob("*.tmp"):
-        leftover.unlink()
+    output.mkdir(parents=True, exist_ok=True)
     (output / MANIFEST).unlink(missing_ok=True)
-    done = sum(part_path(output, p).is_file() for p in range(parts))
-    if done:
-        log(f"{stage}: resuming {output}: {done} of {parts} parts already done")
-    write_json_atomic(plan_path, {"key": key, "parts": parts, **plan})
-    return done
+    write_json_atomic(output / PLAN, {"key": key})

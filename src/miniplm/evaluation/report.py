@@ -15,8 +15,17 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from miniplm.config import ConfigError, option
-from miniplm.manifest import write_json_atomic
+import numpy as np
+from markdown_it import MarkdownIt
+from matplotlib.figure import Figure  # no pyplot: no global backend, no window
+
+from miniplm.core.config import ConfigError, option
+from miniplm.core.flops import forward_flops, training_flops
+from miniplm.core.hashing import file_sha256
+from miniplm.core.manifest import MANIFEST, read_manifest, write_json_atomic
+from miniplm.core.stage import Stage, StageResult, execute
+from miniplm.evaluation.final import TASKS_FILE
+from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, read_curve
 
 
 @dataclass
@@ -31,7 +40,8 @@ class ReportConfig:
                                           "`miniplm run` writes it")
     extrapolate_to: float | None = option(None, "also give each fitted loss at this many FLOPs")
     title: str = option("MiniPLM report", "page title")
-    output: str = option("out/report", "output directory (report.md, report.html, PNGs, results.json)")
+    output: str = option("out/report", "output directory (report.md, report.html, PNGs, results.json)",
+                         hashed=False)
 
     def validate(self) -> None:
         if not self.runs:
@@ -44,8 +54,7 @@ def _named(spec: str) -> tuple[str, Path]:
 
 
 def _manifest(path: Path) -> dict:
-    file = path / "manifest.json"
-    return json.loads(file.read_text()) if file.is_file() else {}
+    return read_manifest(path) or {}
 
 
 def cost_rows(stage_dirs: list[Path]) -> list[dict]:
@@ -53,38 +62,61 @@ def cost_rows(stage_dirs: list[Path]) -> list[dict]:
     rows = []
     for directory in stage_dirs:
         m = _manifest(directory)
-        stage = m.get("generated_by") or m.get("stage")
+        stage = m.get("stage")
         if stage == "score":
             n, d = m["model"]["parameters"], m["tokens_scored"]
             rows.append({"stage": f"score ({m['config']['model']})", "parameters": n, "tokens": d,
-                         "flops": 2 * n * d})
+                         "flops": forward_flops(n, d)})
         elif stage == "train":
             n, d = m["model"]["parameters"], m["tokens"]
             rows.append({"stage": f"train {directory.name} ({m['config']['split']})", "parameters": n, "tokens": d,
-                         "flops": 6 * n * d})
+                         "flops": training_flops(n, d)})
         elif stage == "generate":
             n = m.get("model", {}).get("parameters", 0)
             d = m["splits"]["train"]["tokens"]  # prompts are read once, continuations generated one by one
             rows.append({"stage": f"generate ({m['config']['model']})", "parameters": n, "tokens": d,
-                         "flops": 2 * n * d})
+                         "flops": forward_flops(n, d)})
         else:
             raise ValueError(f"costs: {directory} is not a score, train or generate output (no such manifest)")
         rows[-1]["seconds"] = m.get("wall_seconds")
     return rows
 
 
-def build_report(config: ReportConfig, log=print) -> Path:
-    import matplotlib
+class Report(Stage):
+    name = "report"
+    config = ReportConfig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from markdown_it import MarkdownIt
+    def inputs(self, config: ReportConfig, log) -> dict:
+        """The content hash of every file the report reads: it is redone exactly when one of them changed."""
+        files = []
+        for _, path in (_named(s) for s in config.runs):
+            files += [path / "eval.jsonl", path / "eval_loss.json", tasks_file(path)]
+        if config.selection:
+            selection = Path(config.selection)
+            files += [selection / MANIFEST, selection / "report.md", *sorted((selection / "report").glob("*"))]
+        files += [Path(c) / MANIFEST for c in config.costs]
+        files += [Path(config.reference_points)] if config.reference_points else []
+        return {str(f): file_sha256(f) for f in files if f.is_file()}
 
-    from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, read_curve
+    def run(self, config: ReportConfig, out: Path, inputs: dict, log) -> dict:
+        return _render(config, out, log)
 
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
+    def summary(self, manifest: dict) -> str:
+        return f"report: {manifest['output']}/report.md (and report.html beside it)"
+
+
+def build_report(config: ReportConfig, force: bool = False, log=print) -> StageResult:
+    """Write the report (or reuse it when none of the files it reads changed)."""
+    return execute(Report(), config, force, log)
+
+
+def tasks_file(run: Path) -> Path:
+    """A run's zero-shot results: `miniplm run` keeps them in <run>/evaluation/, `eval tasks --output` anywhere."""
+    nested = run / "evaluation" / TASKS_FILE
+    return nested if nested.is_file() else run / TASKS_FILE
+
+
+def _render(config: ReportConfig, out: Path, log) -> dict:
     runs = [_named(s) for s in config.runs]
     names = [n for n, _ in runs]
     if len(set(names)) != len(names):
@@ -103,13 +135,14 @@ def build_report(config: ReportConfig, log=print) -> Path:
             log(f"report: {exc}")
         if name in curves and len(curves[name][0]) >= 3:
             fits[name] = fit_scaling_law(*curves[name])
-        if (path / "eval_tasks.json").is_file():
-            tasks[name] = json.loads((path / "eval_tasks.json").read_text())
+        if tasks_file(path).is_file():
+            tasks[name] = json.loads(tasks_file(path).read_text())
 
     md = [f"# {config.title}", ""]
     results: dict = {"runs": {}, "baseline": baseline}
     if curves:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig = Figure(figsize=(7, 4.5))
+        ax = fig.subplots()
         for i, (name, (c, y)) in enumerate(curves.items()):
             color = f"C{i}"
             ax.plot(c, y, "o", color=color, ms=3, label=name)
@@ -123,7 +156,6 @@ def build_report(config: ReportConfig, log=print) -> Path:
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "loss_vs_compute.png", dpi=120)
-        plt.close(fig)
         md += ["## Held-out loss against training compute", "", "![loss vs compute](loss_vs_compute.png)", "",
                "| run | final FLOPs | final loss | A | alpha | L_inf | fit RMSE | points |"
                + (" loss at extrapolated C |" if config.extrapolate_to else "")
@@ -198,5 +230,4 @@ def build_report(config: ReportConfig, log=print) -> Path:
         "sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
         f"padding:2px 6px}}img{{max-width:100%}}</style></head><body>{body}</body></html>")
     write_json_atomic(out / "results.json", results)
-    log(f"report: {out / 'report.md'} (and report.html)")
-    return out / "report.md"
+    return {"baseline": baseline, "runs": names}

@@ -24,62 +24,51 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
-from miniplm import distributed
-from miniplm.config import ConfigError, config_hash, option, require_at_least_one, to_dict
+from miniplm.core import distributed
+from miniplm.core.config import Compute, ConfigError, option, require_at_least_one
+from miniplm.core.manifest import open_parts, part_path, read_manifest, update_plan
+from miniplm.core.models import context_length, load_causal_lm, resolve_device, resolve_precision
+from miniplm.core.progress import progress
+from miniplm.core.stage import Stage, StageResult, execute
+from miniplm.core.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, source_fingerprint
+from miniplm.core.tokens import masked_input_ids, vocab_fingerprint
 from miniplm.data.shards import PackedCorpus, PackedSplit, atomic_write
-from miniplm.manifest import (
-    is_up_to_date,
-    manifest_key,
-    new_manifest,
-    open_resumable,
-    part_path,
-    read_manifest,
-    write_json_atomic,
-)
-from miniplm.progress import progress
 from miniplm.scoring.plan import padding_fraction, plan_batches, plan_parts
-from miniplm.tokenizer import DEFAULT_TOKENIZER, source_fingerprint
+from miniplm.scoring.scorer import LogProbScorer
 
 SCORE_SCHEMA = pa.schema([("instance_id", pa.int64()), ("n_scored", pa.int32()), ("logp_sum", pa.float64())])
-FORMAT_VERSION = 1
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(Compute):
     model: str = option(DEFAULT_TOKENIZER, "causal LM: local directory, hub id, .gguf file, or 'smollm2'")
     corpus: str = option("out/corpus", "a `miniplm prepare` output directory")
     split: str = option("train", "which split of the corpus to score")
-    output: str = option("out/scores/teacher", "output directory")
+    output: str = option("out/scores/teacher", "output directory", hashed=False)
     tokenizer: str | None = option(None, "the model's tokenizer if it is not next to the model (null: the model's)")
-    trust_remote_code: bool = option(False, "allow the model's own code from its directory or hub repo to run")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
-        "auto", "autocast dtype of the matmuls (auto: bf16 where the CPU/GPU supports it, else fp16/fp32); "
-        "log-softmax is fp32 and sums fp64 in every case")
-    device: str = option("auto", "auto (cuda when available), cpu, cuda, cuda:N")
-    batch_tokens: int = option(16384, "padded tokens per forward pass (rows x padded width)")
+    trust_remote_code: bool = option(False, "allow the model's own code from its directory or hub repo to run",
+                                     hashed=False)
+    batch_tokens: int = option(16384, "padded tokens per forward pass (rows x padded width)", hashed=False)
     head_chunk_tokens: int | None = option(
         None, "positions per output-layer chunk, bounding the [tokens, vocab] logits (null: 256 on CPU, "
-        "where small chunks stay in cache, 4096 on GPU)")
+        "where small chunks stay in cache, 4096 on GPU)", hashed=False)
     compile: bool = option(
         True, "torch.compile the output layer's log-softmax and each decoder layer (one compilation for all "
         "layers, ~6 s at start on a CPU; +2-3% end to end on a 2-core CPU, not yet measured on a GPU); falls "
-        "back to eager, with a message, where compiling fails: no C++ compiler on a CPU, no Triton on a GPU")
+        "back to eager, with a message, where compiling fails: no C++ compiler on a CPU, no Triton on a GPU",
+        hashed=False)
     part_tokens: int = option(1 << 18, "tokens per output part: the unit of resume and of work across workers")
     max_instances: int | None = option(None, "score only the first N instances of the split (quick runs)")
-    threads: int | None = option(None, "torch CPU threads (null: torch's default)")
-    executor: Literal["local", "ray"] = option("local", "local (one process, or each torchrun rank) or ray")
-    ray_address: str | None = option(None, "existing Ray cluster address (null: start a local Ray)")
-    ray_actors: int | None = option(None, "scorer actors (null: one per GPU, else one per 2 CPUs)")
-    progress: bool = option(True, "show a progress bar")
-
-    # fields that change how the work runs, not the scores (beyond float tolerance) or their layout
-    NOT_HASHED = ("output", "batch_tokens", "head_chunk_tokens", "compile", "threads", "executor", "ray_address",
-                  "ray_actors", "progress", "device", "trust_remote_code")
+    executor: Literal["local", "ray"] = option("local", "local (one process, or each torchrun rank) or ray",
+                                               hashed=False)
+    ray_address: str | None = option(None, "existing Ray cluster address (null: start a local Ray)", hashed=False)
+    ray_actors: int | None = option(None, "scorer actors (null: one per GPU, else one per 2 CPUs)", hashed=False)
 
     def validate(self) -> None:
-        require_at_least_one(self, "batch_tokens", "head_chunk_tokens", "part_tokens", "max_instances", "threads",
-                             "ray_actors")
+        super().validate()
+        require_at_least_one(self, "batch_tokens", "head_chunk_tokens", "part_tokens", "max_instances", "ray_actors")
 
 
 @dataclass
@@ -99,30 +88,11 @@ class ScoreJob:
         return self.part_path(part).is_file()
 
 
-def vocab_fingerprint(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return manifest_key(vocab)
-
-
-def _device(config: ScoreConfig, local_rank: int):
-    import torch
-
-    if config.device == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
-
-
 def build_scorer(config: ScoreConfig, corpus: PackedCorpus, local_rank: int = 0, log=print):
     """Load the model, check it against the corpus, and wrap it in a LogProbScorer."""
-    import torch
-
-    from miniplm.models import context_length, load_causal_lm, resolve_precision
-    from miniplm.scoring.scorer import LogProbScorer
-    from miniplm.tokenizer import load_tokenizer
-
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = _device(config, local_rank)
+    device = resolve_device(config.device, local_rank)
     model_tokenizer = load_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
     corpus_tokenizer = corpus.load_tokenizer()
     if vocab_fingerprint(model_tokenizer) != vocab_fingerprint(corpus_tokenizer):
@@ -137,10 +107,8 @@ def build_scorer(config: ScoreConfig, corpus: PackedCorpus, local_rank: int = 0,
     if rows < len(corpus_tokenizer):
         raise ValueError(f"vocabulary mismatch: model '{config.model}' has {rows:,} embedding rows but the "
                          f"corpus tokenizer has {len(corpus_tokenizer):,} tokens")
-    masked = {corpus.eos_id}
-    if model_tokenizer.pad_token_id is not None:
-        masked.add(int(model_tokenizer.pad_token_id))
-    scorer = LogProbScorer(model, masked, resolve_precision(config.precision, device), config.head_chunk_tokens, log,
+    scorer = LogProbScorer(model, masked_input_ids(corpus.eos_id, model_tokenizer),
+                           resolve_precision(config.precision, device), config.head_chunk_tokens, log,
                            compile=config.compile)
     return scorer, model, context_length(model)
 
@@ -175,65 +143,65 @@ def read_scores(output: str | Path) -> pa.Table:
     return table.sort_by("instance_id")
 
 
-def score(config: ScoreConfig, force: bool = False, log=print) -> dict:
-    """Run (or resume, or skip) a scoring run and return its manifest."""
-    started = time.time()
-    rank, world, local_rank = distributed.rank_world()
-    corpus = PackedCorpus(config.corpus)
+def _plan(config: ScoreConfig, corpus: PackedCorpus, output: Path) -> ScoreJob:
     split = corpus.split(config.split)
-    table = split.table
     count = len(split) if config.max_instances is None else min(config.max_instances, len(split))
-    lengths = table.column("n_tokens").to_numpy()[:count].astype(np.int64)
-    instance_ids = table.column("instance_id").to_numpy()[:count]
-    cfg_hash = config_hash(config, exclude=ScoreConfig.NOT_HASHED)
-    key = manifest_key(FORMAT_VERSION, cfg_hash, corpus.key, source_fingerprint(config.model),
-                       source_fingerprint(config.tokenizer) if config.tokenizer else None)
-    output = Path(config.output)
-    plan_size = len(plan_parts(lengths, config.part_tokens))
-    intact = len(list((output / "parts").glob("part-*.parquet"))) == plan_size
-    if not force and is_up_to_date(output, key) and not intact and rank == 0:
-        log(f"score: {output} is missing part files (deleted or damaged since it finished): scoring them again")
-    if not force and is_up_to_date(output, key) and intact:
+    lengths = split.table.column("n_tokens").to_numpy()[:count].astype(np.int64)
+    instance_ids = split.table.column("instance_id").to_numpy()[:count]
+    return ScoreJob(config, output, lengths, instance_ids, plan_parts(lengths, config.part_tokens))
+
+
+class Score(Stage):
+    name = "score"
+    config = ScoreConfig
+    in_place = True  # parts survive a kill
+
+    def inputs(self, config: ScoreConfig, log) -> dict:
+        return {"corpus": PackedCorpus(config.corpus).key, "model": source_fingerprint(config.model),
+                "tokenizer": source_fingerprint(config.tokenizer) if config.tokenizer else None}
+
+    def intact(self, output: Path, manifest: dict) -> bool:
+        return len(list((output / "parts").glob("part-*.parquet"))) == manifest["parts"]
+
+    def run(self, config: ScoreConfig, output: Path, inputs: dict, log) -> dict:
+        rank, world, local_rank = distributed.rank_world()
+        corpus = PackedCorpus(config.corpus)
+        split = corpus.split(config.split)
+        job = _plan(config, corpus, output)
+        lengths = job.lengths
         if rank == 0:
-            log(f"score: {output} is up to date (key {key}); pass --force to redo it")
-        return read_manifest(output)
-    job = ScoreJob(config, output, lengths, instance_ids, plan_parts(lengths, config.part_tokens))
-
-    distributed.init(_device(config, local_rank))
-    if rank == 0:
-        open_resumable(output, key, len(job.parts), "score", force, log, instances=int(len(lengths)))
-    distributed.barrier()
-
-    scorer, model, context = build_scorer(config, corpus, local_rank, log if rank == 0 else (lambda m: None))
-    longest = int(lengths.max()) if len(lengths) else 0
-    if context is not None and longest - 1 > context:
-        raise ValueError(f"instances of {config.corpus}/{config.split} hold up to {longest - 1} positions but "
-                         f"model '{config.model}' has a context of {context}; re-run `miniplm prepare` with "
-                         f"max_len <= {context}")
-    todo = [p for p in range(len(job.parts)) if not job.done(p)]
-    scoring_started = time.time()
-    if config.executor == "ray":
-        if world > 1:
-            raise ConfigError("executor: use either torchrun or --executor ray, not both")
-        _run_ray(job, todo, log)
-    else:
-        mine = [p for p in todo if p % world == rank]
-        _run_local(scorer, split, job, mine, show=config.progress and rank == 0)
-    distributed.barrier()
-    scoring_seconds = time.time() - scoring_started
-    tokens_this_run = int(sum(lengths[job.parts[p]].sum() for p in todo))
-
-    manifest = None
-    if rank == 0:
+            open_parts(output)
+            update_plan(output, parts=len(job.parts), instances=int(len(lengths)))
+        distributed.barrier()
+        todo = [p for p in range(len(job.parts)) if not job.done(p)]
+        if rank == 0:
+            if len(todo) < len(job.parts):
+                log(f"score: resuming {output}: {len(job.parts) - len(todo)} of {len(job.parts)} parts already done")
+        scorer, model, context = build_scorer(config, corpus, local_rank, log)
+        longest = int(lengths.max()) if len(lengths) else 0
+        if context is not None and longest - 1 > context:
+            raise ValueError(f"instances of {config.corpus}/{config.split} hold up to {longest - 1} positions but "
+                             f"model '{config.model}' has a context of {context}; re-run `miniplm prepare` with "
+                             f"max_len <= {context}")
+        scoring_started = time.time()
+        if config.executor == "ray":
+            if world > 1:
+                raise ConfigError("executor: use either torchrun or --executor ray, not both")
+            _run_ray(job, todo, log)
+        else:
+            mine = [p for p in todo if p % world == rank]
+            _run_local(scorer, split, job, mine, show=config.progress and rank == 0)
+        distributed.barrier()
+        scoring_seconds = time.time() - scoring_started
+        if rank != 0:
+            return {}
+        tokens_this_run = int(sum(lengths[job.parts[p]].sum() for p in todo))
         missing = [p for p in range(len(job.parts)) if not job.done(p)]
         if missing:
             raise RuntimeError(f"{len(missing)} parts of {output} are missing after the run: {missing[:10]}")
         rows = read_scores_parts(job)
-        manifest = new_manifest(
-            "score", key, to_dict(config),
-            config_hash=cfg_hash,
-            format_version=FORMAT_VERSION,
-            model={"spec": config.model, "fingerprint": source_fingerprint(config.model),
+        return dict(
+            model={"spec": config.model, "fingerprint": inputs["model"],
                    "class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
                    "context": context, "chunked_head": scorer.chunked_head},
             precision={"setting": config.precision, "autocast": str(scorer.autocast_dtype),
@@ -252,12 +220,18 @@ def score(config: ScoreConfig, force: bool = False, log=print) -> dict:
                         "resumed_parts": len(job.parts) - len(todo)},
             world_size=world,
             executor=config.executor,
-            wall_seconds=round(time.time() - started, 2),
         )
-        write_json_atomic(output / "manifest.json", manifest)
-    distributed.barrier()
-    distributed.finish()
-    return manifest if manifest is not None else read_manifest(output)
+
+    def summary(self, manifest: dict) -> str:
+        c = manifest["config"]
+        return (f"scored {manifest['instances']:,} instances ({manifest['tokens_scored']:,} positions) of "
+                f"{c['corpus']}/{c['split']} with {c['model']} into {manifest['output']} in "
+                f"{manifest['wall_seconds']:.1f} s")
+
+
+def score(config: ScoreConfig, force: bool = False, log=print) -> StageResult:
+    """Score every instance (resuming a killed run, or reusing an up-to-date one)."""
+    return execute(Score(), config, force, log)
 
 
 def read_scores_parts(job: ScoreJob) -> pa.Table:
@@ -282,8 +256,6 @@ class _RayPartScorer:
     """A Ray actor: loads the model once, then scores and writes whole parts."""
 
     def __init__(self, job: ScoreJob, threads: int):
-        import torch
-
         torch.set_num_threads(max(1, threads))
         corpus = PackedCorpus(job.config.corpus)
         self.job = job
