@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test faults clean
+.PHONY: setup demo test test-quick faults clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,14 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest
+
+# the edit-test loop: lint, the import contracts and every test not marked slow (about a minute)
+test-quick: setup
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/python -m pytest -m "not slow" -q
 
 # the fault-injection suite alone (also part of `make test`); more kills per stage with e.g. KILLS=10
 faults: setup

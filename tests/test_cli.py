@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -13,10 +14,17 @@ def test_prepare_help_documents_every_option_with_its_default(capsys):
         main(["prepare", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for option, default in [("--max-len", "default: 1024"), ("--tokenizer", "default: smollm2"),
-                            ("--on-bad-record", "default: skip"), ("--splits", "fraction: 0.05"),
-                            ("--inputs", "default: [default]"), ("--seed", "default: 10")]:
-        assert option in out and default in out
+    # one block of help per option: from its flags to the next option's
+    blocks = {}
+    for block in re.split(r"\n(?=  --)", out):
+        flags = re.findall(r"--[\w.-]+", block.splitlines()[0])
+        for flag in flags:
+            blocks[flag] = " ".join(block.split())
+    for option, default in [("--max-len", "default: 1024]"), ("--tokenizer", "default: smollm2]"),
+                            ("--on-bad-record", "default: skip]"), ("--splits", "fraction: 0.05"),
+                            ("--inputs", "default: [default]]"), ("--seed", "default: 10]"),
+                            ("--progress", "default: true]"), ("--max-chunks-per-document", "default: 2000]")]:
+        assert default in blocks[option], (option, blocks.get(option))
 
 
 def test_cli_options_yaml_and_dotted_overrides(tmp_path, capsys):

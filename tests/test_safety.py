@@ -59,9 +59,9 @@ def test_no_pickle_no_eval_no_shell_strings_and_remote_code_only_by_flag():
 
 
 def test_every_stage_config_keeps_remote_code_off_by_default():
-    from miniplm.cli import _commands
+    from miniplm.cli import COMMANDS
 
-    for command in _commands():
+    for command in COMMANDS:
         fields = command.config_cls.__dataclass_fields__
         if "trust_remote_code" in fields:
             assert fields["trust_remote_code"].default is False, command.name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 
 
 def rank_world() -> tuple[int, int, int]:
@@ -15,8 +16,6 @@ def rank_world() -> tuple[int, int, int]:
 
 def init(device: torch.device) -> bool:
     """Join the process group when launched with several ranks; True when distributed."""
-    import torch.distributed as dist
-
     if rank_world()[1] <= 1 or dist.is_initialized():
         return dist.is_initialized()
     if device.type == "cuda":
@@ -26,15 +25,11 @@ def init(device: torch.device) -> bool:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         value = value.clone()
         dist.all_reduce(value)
@@ -42,7 +37,5 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 
 def finish() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()

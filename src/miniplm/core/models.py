@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import transformers.modeling_gguf_pytorch_utils as gguf_utils
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as transformers_logging
 
 from miniplm.core.tokenizer import require_module, resolve_source
 
@@ -17,9 +20,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def quiet_transformers() -> None:
     """miniplm draws its own progress bars; transformers' per-load and per-save bars only add noise."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -29,8 +30,6 @@ def _quiet_gguf_conversion(active: bool):
     if not active:
         yield
         return
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
     original = getattr(gguf_utils, "tqdm", None)
     gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
     try:
@@ -41,8 +40,6 @@ def _quiet_gguf_conversion(active: bool):
 
 def load_causal_lm(spec: str, trust_remote_code: bool = False, device: str | torch.device = "cpu"):
     """An fp32 `AutoModelForCausalLM` in eval mode (autocast, not the weights, sets compute precision)."""
-    from transformers import AutoModelForCausalLM
-
     quiet_transformers()
     source, gguf_file = resolve_source(spec)
     kwargs = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
@@ -57,11 +54,10 @@ def load_causal_lm(spec: str, trust_remote_code: bool = False, device: str | tor
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ValueError as exc:
         if "GGUF model with architecture" in str(exc):
-            from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
             raise ValueError(
                 f"cannot load {spec}: {exc} transformers reads GGUF files of these architectures: "
-                f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}; convert the model to safetensors instead"
+                f"{', '.join(sorted(gguf_utils.GGUF_SUPPORTED_ARCHITECTURES))}; convert the model to "
+                f"safetensors instead"
             ) from None
         raise
     except OSError as exc:

@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
 
 class progress:
     """`with progress(enabled, total, label, unit) as advance: advance(n)`; a no-op when disabled.
@@ -15,17 +26,6 @@ class progress:
     def __enter__(self):
         if not self.enabled:
             return lambda n: None
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
         if self.unit == "bytes":
             columns = [DownloadColumn(), TransferSpeedColumn()]
         else:

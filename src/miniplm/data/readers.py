@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import zstandard
 
 from miniplm.core.config import option
 
@@ -182,8 +183,6 @@ def _open_binary(path: str) -> io.BufferedIOBase:
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
-        import zstandard
-
         raw = open(path, "rb")
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
     return open(path, "rb")
@@ -267,7 +266,7 @@ def read_txt(file: InputFile, fields: Fields, on_bytes: Callable[[int], None]) -
 
 def read_hf(file: InputFile, fields: Fields, on_bytes: Callable[[int], None]) -> Iterator[Document]:
     try:
-        import datasets
+        import datasets  # optional, heavy: the hf extra, imported only for this input format
     except ImportError:
         raise ImportError("reading HF save_to_disk datasets needs 'datasets': pip install 'miniplm[hf]'") from None
     loaded = datasets.load_from_disk(file.path)

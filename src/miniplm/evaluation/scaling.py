@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import least_squares
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,6 @@ class ScalingFit:
 
 def fit_scaling_law(compute, loss) -> ScalingFit:
     """Fit L(C) = A * C^-alpha + L_inf to points (C > 0); needs at least 3 points."""
-    from scipy.optimize import least_squares
-
     c = np.asarray(compute, dtype=np.float64)
     y = np.asarray(loss, dtype=np.float64)
     keep = np.isfinite(c) & np.isfinite(y) & (c > 0)

@@ -285,7 +285,7 @@ class _HFWriter:
 
     def __init__(self, out: Path):
         try:
-            import datasets  # noqa: F401
+            import datasets  # noqa: F401 - optional, heavy: the hf extra, imported only for this format
         except ImportError:
             raise ImportError("the hf export format needs 'datasets': pip install 'miniplm[hf]'") from None
         self.out = out
@@ -306,7 +306,7 @@ class _HFWriter:
             self.rows = []
 
     def close(self) -> dict:
-        import datasets
+        import datasets  # optional, heavy: the hf extra (checked in __init__)
 
         self._flush()
         self.stream.close()

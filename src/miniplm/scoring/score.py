@@ -273,7 +273,7 @@ class _RayPartScorer:
 
 def _run_ray(job: ScoreJob, todo: list[int], log) -> None:
     try:
-        import ray
+        import ray  # optional, heavy: the ray extra, imported only for --executor ray
     except ImportError:
         raise ImportError("--executor ray needs Ray Data: pip install 'miniplm[ray]'") from None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

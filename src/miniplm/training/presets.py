@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import transformers
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -36,8 +38,6 @@ PRESETS = {f"{family}-{size}": SIZES[size] for family in FAMILIES for size in SI
 
 def build_config(preset: str, vocab_size: int, context: int, eos_id: int | None, pad_id: int | None):
     """A transformers config for `preset` with the corpus tokenizer's vocabulary."""
-    import transformers
-
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}, or pass a "
                          f"transformers config.json")
