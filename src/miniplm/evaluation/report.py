@@ -62,7 +62,7 @@ def cost_rows(stage_dirs: list[Path]) -> list[dict]:
     rows = []
     for directory in stage_dirs:
         m = _manifest(directory)
-        stage = m.get("stage")
+        stage = m.get("generated_by") or m.get("stage")  # older generate manifests said "prepare"
         if stage == "score":
             n, d = m["model"]["parameters"], m["tokens_scored"]
             rows.append({"stage": f"score ({m['config']['model']})", "parameters": n, "tokens": d,
