@@ -40,19 +40,18 @@ def manifest_key(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def read_manifest(output: str | Path) -> dict | None:
-    path = Path(output) / MANIFEST
+def _read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is absent or damaged (an output that cannot be trusted: redo it)."""
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
-        return None  # a damaged manifest means the output cannot be trusted: redo the stage
+        return None
 
 
-def is_up_to_date(output: str | Path, key: str) -> bool:
-    manifest = read_manifest(output)
-    return manifest is not None and manifest.get("key") == key
+def read_manifest(output: str | Path) -> dict | None:
+    return _read_json(Path(output) / MANIFEST)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -147,13 +146,7 @@ def open_parts(output: str | Path) -> Path:
 
 def read_plan(output: str | Path) -> dict | None:
     """The plan of an in-place stage's output (its key, and what the stage added): None when absent or damaged."""
-    path = Path(output) / PLAN
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
+    return _read_json(Path(output) / PLAN)
 
 
 def update_plan(output: str | Path, **fields) -> None:

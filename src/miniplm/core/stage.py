@@ -80,38 +80,44 @@ def stage_key(stage: Stage, config, inputs: dict) -> str:
 def execute(stage: Stage, config, force: bool = False, log=print) -> StageResult:
     """Run `stage` with `config` into `config.output`, or reuse what is there when it is up to date."""
     rank, world, local_rank = distributed.rank_world()
-    output = Path(config.output)
     if world > 1:  # ranks meet at barriers below: join the process group on this rank's device
         distributed.init(resolve_device(getattr(config, "device", "auto"), local_rank))
-    with output_lock(output) if rank == 0 else contextlib.nullcontext():
-        inputs = stage.inputs(config, log if rank == 0 else _silent)
-        key = stage_key(stage, config, inputs)
-        found = read_manifest(output)
-        if not force and found is not None and found.get("key") == key:
-            if stage.intact(output, found):
-                return StageResult(stage.name, output, found, False, stage.summary(found))
-            if rank == 0:
-                log(f"{stage.name}: {output} is missing files (deleted or damaged since it finished): redoing it")
+    try:
+        with output_lock(config.output) if rank == 0 else contextlib.nullcontext():
+            return _execute(stage, config, force, log, rank)
+    finally:
+        distributed.finish()
+
+
+def _execute(stage: Stage, config, force: bool, log, rank: int) -> StageResult:
+    output = Path(config.output)
+    inputs = stage.inputs(config, log if rank == 0 else _silent)
+    key = stage_key(stage, config, inputs)
+    found = read_manifest(output)
+    if not force and found is not None and found.get("key") == key:
+        if stage.intact(output, found):
+            return StageResult(stage.name, output, found, False, stage.summary(found))
         if rank == 0:
-            _refuse_foreign(output)
-        started = time.time()
-        if stage.in_place:
-            if rank == 0:
-                reset_in_place(output, key, force, log)
-            distributed.barrier()
-            facts = stage.run(config, output, inputs, log if rank == 0 else _silent)
-            distributed.barrier()
-            manifest = {}
-            if rank == 0:
-                manifest = _manifest(stage, config, key, inputs, facts, started)
-                write_json_atomic(output / MANIFEST, manifest)
-            distributed.barrier()
-            distributed.finish()
-        else:
-            with staged_output(output) as partial:
-                facts = stage.run(config, partial, inputs, log)
-                manifest = _manifest(stage, config, key, inputs, facts, started)
-                write_json_atomic(partial / MANIFEST, manifest)
+            log(f"{stage.name}: {output} is missing files (deleted or damaged since it finished): redoing it")
+    if rank == 0:
+        _refuse_foreign(output)
+    started = time.time()
+    if not stage.in_place:
+        with staged_output(output) as partial:
+            facts = stage.run(config, partial, inputs, log)
+            manifest = _manifest(stage, config, key, inputs, facts, started)
+            write_json_atomic(partial / MANIFEST, manifest)
+        return StageResult(stage.name, output, manifest, True, stage.summary(manifest))
+    if rank == 0:
+        reset_in_place(output, key, force, log)
+    distributed.barrier()
+    facts = stage.run(config, output, inputs, log if rank == 0 else _silent)
+    distributed.barrier()
+    manifest = {}
+    if rank == 0:
+        manifest = _manifest(stage, config, key, inputs, facts, started)
+        write_json_atomic(output / MANIFEST, manifest)
+    distributed.barrier()
     return StageResult(stage.name, output, manifest, True, stage.summary(manifest) if manifest else "")
 
 

@@ -34,6 +34,7 @@ from miniplm.data.readers import (
     BadRecordError,
     Document,
     Fields,
+    InputFile,
     InputSpec,
     expand_inputs,
     input_bytes,
@@ -186,12 +187,12 @@ class Prepare(Stage):
 
     def inputs(self, config: PrepareConfig, log) -> dict:
         files = expand_inputs(_input_specs(config, log))
-        return {"files": [{"path": f.path, "format": f.format, "bytes": input_bytes(f), "sha256": path_sha256(f.path)}
-                          for f in files],
+        return {"files": [{"path": f.path, "format": f.format, "domain": f.domain, "bytes": input_bytes(f),
+                           "sha256": path_sha256(f.path)} for f in files],
                 "tokenizer": source_fingerprint(config.tokenizer)}
 
     def run(self, config: PrepareConfig, out: Path, inputs: dict, log) -> dict:
-        files = expand_inputs(_input_specs(config, log))
+        files = [InputFile(f["path"], f["format"], f["domain"]) for f in inputs["files"]]
         tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
         eos_id = _eos_id(tokenizer, config)
         vocab_size = len(tokenizer)

@@ -189,7 +189,7 @@ class Select(Stage):
     config = SelectConfig
 
     def inputs(self, config: SelectConfig, log) -> dict:
-        runs = {"teacher": config.teacher, "reference": config.reference}
+        runs = _score_runs(config)
         for name in NEEDS[config.selector]:
             if runs[name] is None:
                 raise ConfigError(f"selector {config.selector} needs {name} scores: set --{name}")
@@ -205,7 +205,7 @@ class Select(Stage):
     def run(self, config: SelectConfig, out: Path, inputs: dict, log) -> dict:
         corpus = PackedCorpus(config.corpus)
         needs = NEEDS[config.selector]
-        runs = {"teacher": config.teacher, "reference": config.reference}
+        runs = _score_runs(config)
         quota_source = read_manifest(config.domain_quota[5:]) if inputs["domain_quota"] else None
         work = out / "work"
         work.mkdir()
@@ -289,6 +289,10 @@ class Select(Stage):
         c = manifest["config"]
         return (f"selected {manifest['kept']:,} of {manifest['instances']:,} instances ({manifest['kept_tokens']:,} "
                 f"tokens) of {c['corpus']}/{c['split']} with {c['selector']} into {manifest['output']}")
+
+
+def _score_runs(config: SelectConfig) -> dict[str, str | None]:
+    return {"teacher": config.teacher, "reference": config.reference}
 
 
 def select(config: SelectConfig, force: bool = False, log=print) -> StageResult:
