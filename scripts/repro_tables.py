@@ -84,14 +84,22 @@ def render(results: Path) -> str:
     points = _json(results / "reference_points.json")
     out = []
     hq = points.get("split", "heldout_hq")
-    other = points.get("other_splits", {})
-    out += ["### Reference points (held-out loss, nats per teacher token)", "",
-            "| model | " + " | ".join([hq, *other]) + " |", "|---" * (1 + 1 + len(other)) + "|"]
-    for who in ("unigram", "teacher"):
-        if who in points:
-            cells = [who, f"{points[who]['loss_per_token']:.4f}"]
-            cells += [f"{other[s][who]['loss_per_token']:.4f}" for s in other]
-            out.append("| " + " | ".join(cells) + " |")
+    if "levels" in points:  # {split: {level: summary}}
+        levels = points["levels"]
+    else:  # written before the n-gram levels: the primary split's levels at the top, the others nested
+        levels = {hq: {who: points[who] for who in ("unigram", "teacher") if who in points},
+                  **points.get("other_splits", {})}
+    splits = [hq, *(s for s in levels if s != hq)]
+    other = splits[1:]
+    out += ["### Reference points (held-out loss, nats/token, and bits/byte where recorded)", "",
+            "| model | " + " | ".join(splits) + " |", "|---" * (1 + len(splits)) + "|"]
+    for who in levels.get(hq, {}):
+        cells = [who]
+        for split in splits:
+            p = levels[split].get(who)
+            cells.append("-" if p is None else f"{p['loss_per_token']:.4f}"
+                         + (f" / {p['bits_per_byte']:.4f}" if "bits_per_byte" in p else ""))
+        out.append("| " + " | ".join(cells) + " |")
     out.append("")
 
     rows: dict[str, dict] = {}

@@ -65,8 +65,12 @@ def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, 
     final = json.loads((out / "students" / "miniplm" / "evaluation" / "eval_splits.json").read_text())
     assert final["splits"]["heldout"]["loss_per_token"] > 0 and final["splits"]["heldout"]["instances"] > 0
     points = json.loads((out / "reference_points" / "reference_points.json").read_text())
-    assert points["unigram"]["loss_per_token"] > 0 and points["teacher"]["loss_per_token"] > 0
-    assert points["other_splits"]["heldout"]["unigram"]["loss_per_token"] > 0
+    for split in ("heldout_hq", "heldout"):  # every level on every split, in nats/token and bits/byte
+        levels = points["levels"][split]
+        assert set(levels) == {"unigram", "bigram", "teacher", "reference"}
+        assert all(p["loss_per_token"] > 0 and p["bits_per_byte"] > 0 and len(p["loss_per_token_ci95"]) == 2
+                   for p in levels.values())
+    assert points["fit_instances"] == 80  # the n-gram levels are fitted on the scored pool
     assert (out / "report" / "report.html").is_file() and (out / "selections" / "random-mix").is_dir()
     # nothing written outside the output directory (and the cache it was given), nothing temporary left
     inputs = {"raw", "teacher", "run.yaml", "cache", "run"}
@@ -86,7 +90,8 @@ def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, 
     for name in ("no-kd", "miniplm", "kd"):
         final = json.loads((out / "students" / name / "eval.jsonl").read_text().splitlines()[-1])
         assert f"| {name} |" in text and f"{final['loss_per_token']:.4f}" in text
-    assert f"| unigram | {points['unigram']['loss_per_token']:.4f} |" in text
+    unigram = points["levels"]["heldout_hq"]["unigram"]
+    assert f"| unigram | {unigram['loss_per_token']:.4f} / {unigram['bits_per_byte']:.4f} |" in text
 
     manifests = {p: p.read_text() for p in out.rglob("manifest.json")}
     assert main(["run", str(config_file)]) == 0

@@ -128,23 +128,30 @@ def _print_results(results: dict) -> None:
         console.width = max(console.width, 120)  # logs and CI: do not squeeze the table into 80 columns
     table = Table(title=f"students (held-out loss per token on the final step; compute saving against "
                         f"{results['baseline']}'s final loss)")
-    for column in ("student", "model", "data", "KD", "params", "tokens", "held-out loss", "tasks avg",
-                   "compute saving"):
+    for column in ("student", "model", "data", "KD", "params", "tokens", "held-out loss", "bits/byte",
+                   "tasks avg", "compute saving"):
         table.add_column(column, justify="left" if column in ("student", "model", "data", "KD") else "right")
     for r in results["students"]:
         saving = r["compute_saving"]
         table.add_row(r["student"], r["model"], r["data"], r["kd"], f"{r['parameters'] / 1e6:.1f}M",
-                      f"{r['tokens']:,}", f"{r['heldout_loss']:.4f}" if r["heldout_loss"] is not None else "-",
+                      f"{r['tokens']:,}", _with_interval(r["heldout_loss"], r.get("heldout_loss_ci95")),
+                      f"{r['heldout_bits_per_byte']:.4f}" if r.get("heldout_bits_per_byte") is not None else "-",
                       f"{100 * r['tasks_average']:.1f}" if r["tasks_average"] is not None else "-",
                       "baseline" if r["student"] == results["baseline"] else
                       f"{saving:.2f}x" if isinstance(saving, float) and saving == saving else "-")
     console.print(table)
     points = results["reference_points"]
-    console.print("reference points on the same held-out instances: " + ", ".join(
-        f"{who} {p['loss_per_token']:.4f}" for who, p in points.items()
-        if isinstance(p, dict) and "loss_per_token" in p) + " nats/token",
-        highlight=False)
+    levels = points["levels"][points["split"]]
+    console.print(f"reference points on the same held-out instances ({points['split']}): " + ", ".join(
+        f"{who} {p['loss_per_token']:.4f}" for who, p in levels.items()) + " nats/token; " + ", ".join(
+        f"{who} {p['bits_per_byte']:.4f}" for who, p in levels.items()) + " bits/byte", highlight=False)
     console.print(f"report: {results['report']} (and report.html beside it)", highlight=False)
+
+
+def _with_interval(loss: float | None, interval: list[float] | None) -> str:
+    if loss is None:
+        return "-"
+    return f"{loss:.4f}" + (f" +- {(interval[1] - interval[0]) / 2:.4f}" if interval else "")
 
 
 def _run_pipeline(config: RunConfig, force: bool) -> None:

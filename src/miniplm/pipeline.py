@@ -3,7 +3,7 @@
 prepare -> train the reference on D_ref -> score with the teacher and the reference -> select (Difference
 Sampling and any baselines) -> [generate a SeqKD corpus] -> export each student's data (re-tokenized for
 another family) -> train students and baselines, recording held-out loss against FLOPs -> final evaluations
-(zero-shot tasks, more held-out splits) -> reference points (unigram and teacher held-out loss) -> report.
+(zero-shot tasks, more held-out splits) -> reference points (n-gram levels, teacher, reference) -> report.
 
 `RunConfig` holds every stage's own typed config, so a whole run is checked when it is loaded: a bad key or
 value anywhere is refused, with its dotted path, before the first stage starts. Each stage runs through the
@@ -270,10 +270,12 @@ class Pipeline:
                                splits=e.final_splits, max_instances=e.max_instances, output=str(run / "evaluation"))
 
     def reference_points_config(self) -> ReferencePointsConfig:
-        e = self.config.eval
-        return ReferencePointsConfig(corpus=str(self.corpus), split=e.split, other_splits=e.final_splits,
-                                     max_instances=e.max_instances,
-                                     teacher=self.config.teacher if e.teacher_loss else None, output=str(self.points))
+        e, c = self.config.eval, self.config
+        return ReferencePointsConfig(corpus=str(self.corpus), splits=list(dict.fromkeys([e.split, *e.final_splits])),
+                                     max_instances=e.max_instances, fit_max_instances=c.score.max_instances,
+                                     tokenizers=list(dict.fromkeys(s.tokenizer for s in c.students if s.tokenizer)),
+                                     teacher=c.teacher if e.teacher_loss else None,
+                                     reference=str(self.reference / "final"), output=str(self.points))
 
     def report_config(self) -> ReportConfig:
         costs = [self.scores["teacher"], self.scores["reference"], self.reference]
@@ -316,7 +318,9 @@ class Pipeline:
             manifest = read_manifest(self.student(s.name))
             rows.append({"student": s.name, "model": s.model, "data": s.data, "kd": s.kd,
                          "parameters": manifest["model"]["parameters"], "tokens": manifest["tokens"],
-                         "heldout_loss": run.get("final_loss"), "tasks_average": run.get("tasks", {}).get("average"),
+                         "heldout_loss": run.get("final_loss"), "heldout_loss_ci95": run.get("final_loss_ci95"),
+                         "heldout_bits_per_byte": run.get("final_bits_per_byte"),
+                         "tasks_average": run.get("tasks", {}).get("average"),
                          "compute_saving": run.get("compute_saving")})
         return {"students": rows, "reference_points": points, "report": str(self.report / "report.md"),
                 "baseline": report["baseline"]}

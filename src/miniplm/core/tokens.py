@@ -6,6 +6,8 @@ token is EOS or pad, so no instance is judged on predicting the first token of t
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from miniplm.core.manifest import manifest_key
@@ -60,3 +62,51 @@ class Retokenizer:
             ids += encoded + ([self.student.eos_token_id] if closed else [])
         return np.asarray(ids[: self.max_len + 1], dtype=np.int64)
 
+
+
+def token_byte_lengths(tokenizer, eos_id: int) -> np.ndarray:
+    """UTF-8 bytes of text each token id stands for: what bits per byte divides by.
+
+    Byte-level BPE (GPT-2, SmolLM2, GPT-NeoX, Qwen2): one character of a token's string is one byte.
+    SentencePiece-style (Metaspace): `▁` is a space and `<0xNN>` one byte. Special tokens stand for no text,
+    except EOS, which counts one byte: the document separator every tokenizer predicts once per document.
+    """
+    vocab_size = len(tokenizer)
+    strings = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    kind = _decoder_kind(tokenizer)
+    lengths = np.zeros(vocab_size, dtype=np.int64)
+    for i, s in enumerate(strings):
+        if s is None:
+            continue
+        if kind == "byte_level":
+            lengths[i] = len(s)
+        elif kind == "metaspace" and len(s) == 6 and s.startswith("<0x") and s.endswith(">"):
+            lengths[i] = 1
+        elif kind == "metaspace":
+            lengths[i] = len(s.replace("\u2581", " ").encode("utf-8"))
+        else:
+            lengths[i] = len(tokenizer.convert_tokens_to_string([s]).encode("utf-8"))
+    for token_id in tokenizer.all_special_ids:
+        lengths[token_id] = 0
+    for token, token_id in getattr(tokenizer, "added_tokens_encoder", {}).items():
+        if token_id not in tokenizer.all_special_ids:
+            lengths[token_id] = len(token.encode("utf-8"))  # added tokens match their literal text
+    lengths[int(eos_id)] = 1
+    return lengths
+
+
+def _decoder_kind(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = json.dumps(json.loads(backend.to_str()).get("decoder")) if backend is not None else ""
+    if '"ByteLevel"' in decoder:
+        return "byte_level"
+    if '"Metaspace"' in decoder or "\\u2581" in decoder:
+        return "metaspace"
+    return "other"
+
+
+def scored_targets(tokens: np.ndarray, masked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) of the scored positions of one instance under the loss mask."""
+    x = np.asarray(tokens, dtype=np.int64)
+    keep = ~np.isin(x[:-1], masked)
+    return x[:-1][keep], x[1:][keep]

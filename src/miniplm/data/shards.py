@@ -160,13 +160,6 @@ class PackedSplit:
         start = int(self._offsets[i])
         return np.asarray(self._shard(int(self._shard_ids[i]))[start : start + int(self._lengths[i])])
 
-    def token_counts(self, vocab_size: int) -> np.ndarray:
-        """How often each token id occurs in the split (for unigram baselines)."""
-        counts = np.zeros(vocab_size, dtype=np.int64)
-        for shard in np.unique(self._shard_ids):
-            counts += np.bincount(self._shard(int(shard)), minlength=vocab_size)[:vocab_size]
-        return counts
-
     def shard_indices(self, rank: int, world_size: int) -> range:
         """This worker's contiguous share of instance indices."""
         n = len(self)

@@ -2,8 +2,9 @@
 
     final eval        a student's final model: zero-shot tasks (eval_tasks.json) and its held-out loss on
                       more splits (eval_splits.json)
-    reference points  the levels a student is read against on the same held-out instances: the add-one
-                      unigram model of the training split, and the teacher (reference_points.json)
+    reference points  the levels a student is read against on the same held-out instances, in nats/token and
+                      bits per byte: n-gram models fitted on the training pool (in every tokenizer the run
+                      uses), the teacher and the reference model (reference_points.json)
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from miniplm.core.config import Progress, option
+from miniplm.core.config import ConfigError, Progress, option
 from miniplm.core.manifest import read_manifest, write_json_atomic
 from miniplm.core.models import load_causal_lm
 from miniplm.core.stage import Stage
 from miniplm.core.tokenizer import load_tokenizer, source_fingerprint
+from miniplm.core.tokens import Retokenizer
+from miniplm.data.ngram import check_orders
 from miniplm.data.shards import PackedCorpus
-from miniplm.evaluation.loss import HeldOut, heldout_loss, unigram_loss
+from miniplm.evaluation.loss import HeldOut, describe, heldout_loss, ngram_loss
 from miniplm.evaluation.tasks import EvalTasksConfig, evaluate_tasks
 
 TASKS_FILE, SPLITS_FILE, POINTS_FILE = "eval_tasks.json", "eval_splits.json", "reference_points.json"
@@ -67,40 +70,79 @@ class FinalEval(Stage):
 
 @dataclass
 class ReferencePointsConfig(Progress):
-    corpus: str = option("out/corpus", "the prepared corpus (its train split fits the unigram model)")
-    split: str = option("heldout_hq", "the held-out split students are read on")
-    other_splits: list[str] = field(default_factory=list, metadata={"help": "more held-out splits"})
+    corpus: str = option("out/corpus", "the prepared corpus (its held-out splits, and the instances the n-gram "
+                         "models are fitted on)")
+    splits: list[str] = field(default_factory=lambda: ["heldout_hq"], metadata={
+        "help": "held-out splits to measure every level on (the first is the one students are read on)"})
     max_instances: int | None = option(None, "the first N instances of each split (null: all)")
-    teacher: str | None = option(None, "the teacher, whose held-out loss is also recorded (null: unigram only)")
+    fit_split: str = option("train", "the split whose instances the n-gram models are fitted on")
+    fit_max_instances: int | None = option(None, "fit on its first N instances (null: all); `miniplm run` "
+                                           "passes the scored pool, the instances its students draw from")
+    orders: list[int] = field(default_factory=lambda: [1, 2], metadata={
+        "help": "n-gram orders: 1 (add-one unigram), 2 (interpolated Kneser-Ney bigram)"})
+    tokenizers: list[str] = field(default_factory=list, metadata={
+        "help": "student tokenizers of other families: their n-gram levels too (the instances re-tokenized)"})
+    teacher: str | None = option(None, "the teacher, whose held-out loss is also recorded (null: none)")
+    reference: str | None = option(None, "the reference model, whose held-out loss is also recorded (null: none)")
     output: str = option("out/reference_points", "output directory", hashed=False)
+
+    def validate(self) -> None:
+        if not self.splits:
+            raise ConfigError("splits: name at least one held-out split")
+        try:
+            check_orders(self.orders, "orders")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+NGRAM_NAMES = {1: "unigram", 2: "bigram"}
 
 
 class ReferencePoints(Stage):
     name = "reference points"
     config = ReferencePointsConfig
+    version = 2
 
     def inputs(self, config: ReferencePointsConfig, log) -> dict:
-        return {"corpus": PackedCorpus(config.corpus).key,
-                "teacher": source_fingerprint(config.teacher) if config.teacher else None}
+        corpus = PackedCorpus(config.corpus)
+        for split in [*config.splits, config.fit_split]:
+            corpus.split(split)  # an unknown split is refused here, listing the ones that exist
+        return {"corpus": corpus.key,
+                "teacher": source_fingerprint(config.teacher) if config.teacher else None,
+                "reference": source_fingerprint(config.reference) if config.reference else None,
+                "tokenizers": [source_fingerprint(t) for t in config.tokenizers]}
 
     def run(self, config: ReferencePointsConfig, out: Path, inputs: dict, log) -> dict:
         corpus = PackedCorpus(config.corpus)
-        teacher = load_causal_lm(config.teacher) if config.teacher else None
-        tokenizer = load_tokenizer(config.teacher) if config.teacher else None
-
-        def points_on(split: str) -> dict:
+        source = corpus.load_tokenizer()
+        fit_split = corpus.split(config.fit_split)
+        n_fit = len(fit_split) if config.fit_max_instances is None else min(config.fit_max_instances, len(fit_split))
+        fit_on = [fit_split[i] for i in range(n_fit)]
+        vocabularies = [("", source, fit_on, corpus.eos_id)]
+        max_len = corpus.manifest["max_len"]
+        for spec in config.tokenizers:
+            tokenizer = load_tokenizer(spec)
+            retokenize = Retokenizer(source, corpus.eos_id, tokenizer, max_len, "auto")
+            vocabularies.append((f" [{spec}]", tokenizer, [retokenize(x) for x in fit_on],
+                                 int(tokenizer.eos_token_id)))
+        models = {who: (load_causal_lm(path), load_tokenizer(path))
+                  for who, path in (("teacher", config.teacher), ("reference", config.reference)) if path}
+        levels = {}
+        for split in config.splits:
             heldout = HeldOut(corpus, split, config.max_instances)
-            found = {"unigram": unigram_loss(corpus, heldout)}
-            if teacher is not None:
-                found["teacher"] = heldout_loss(teacher, tokenizer, heldout, show_progress=config.progress)
-            return found
-
-        points = {"split": config.split, **points_on(config.split),
-                  "other_splits": {split: points_on(split) for split in config.other_splits}}
-        write_json_atomic(out / POINTS_FILE, points)
-        return {"points": {who: p["loss_per_token"] for who, p in points.items() if isinstance(p, dict)
-                           and "loss_per_token" in p}}
+            found = {}
+            for suffix, tokenizer, instances, eos in vocabularies:
+                for order in config.orders:
+                    found[NGRAM_NAMES[order] + suffix] = ngram_loss(order, instances, heldout, tokenizer, eos)
+            for who, (model, tokenizer) in models.items():
+                found[who] = heldout_loss(model, tokenizer, heldout, show_progress=config.progress)
+            for who, summary in found.items():
+                log(f"{split}: {who}: {describe(summary)}")
+            levels[split] = found
+        write_json_atomic(out / POINTS_FILE, {"split": config.splits[0], "fit_instances": n_fit, "levels": levels})
+        return {"points": {who: p["loss_per_token"] for who, p in levels[config.splits[0]].items()},
+                "split": config.splits[0]}
 
     def summary(self, manifest: dict) -> str:
-        return "reference points: " + ", ".join(f"{who} {loss:.4f}" for who, loss in manifest["points"].items()) \
-            + " nats/token"
+        return f"reference points on {manifest['split']}: " + ", ".join(
+            f"{who} {loss:.4f}" for who, loss in manifest["points"].items()) + " nats/token"

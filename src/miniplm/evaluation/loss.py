@@ -1,10 +1,11 @@
 """`miniplm eval loss`: held-out LM loss of a model, or of every checkpoint of a training run.
 
 Two means, as the paper reports: per token (sum of losses / scored positions) and per instance (the mean of
-each instance's per-token loss). Positions are scored exactly as `miniplm score` scores them (input EOS/pad
+each instance's per-token loss); and bits per byte, comparable across tokenizers (`core.metrics`), each
+with a bootstrap interval. Positions are scored exactly as `miniplm score` scores them (input EOS/pad
 masked), through the same LogProbScorer. A model whose tokenizer differs from the corpus's (a student of
 another family) is evaluated on the held-out instances re-tokenized for it, one instance to one instance, as
-`miniplm export --tokenizer` does; its loss is per *its* tokens, comparable within a family only.
+`miniplm export --tokenizer` does; its nats/token are per *its* tokens, its bits per byte on the same text.
 
 Compute per point: training FLOPs = 6 * N * D (N: the model's parameters, D: training tokens), plus
 2 * N_teacher * D for online Vanilla KD (the teacher's forward), as the paper counts them.
@@ -23,9 +24,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from miniplm.core.config import Compute, option, require_at_least_one
 from miniplm.core.flops import training_flops
 from miniplm.core.manifest import read_manifest, read_plan, write_json_atomic
+from miniplm.core.metrics import half_width, loss_summary, scored_bytes
 from miniplm.core.models import quiet_transformers, resolve_device, resolve_precision
 from miniplm.core.progress import progress
-from miniplm.core.tokens import Retokenizer, masked_input_ids, vocab_fingerprint
+from miniplm.core.tokens import Retokenizer, masked_input_ids, token_byte_lengths, vocab_fingerprint
+from miniplm.data import ngram
 from miniplm.data.shards import PackedCorpus, PackedSplit
 from miniplm.scoring.plan import plan_batches, plan_parts
 from miniplm.scoring.scorer import LogProbScorer
@@ -58,20 +61,30 @@ class HeldOut:
             raise ValueError(f"{corpus.path}/{split} has no instances to evaluate")
         self.instances = [self.split[i] for i in range(n)]
         self._tokenizer = None
-        self._cache: dict[str, tuple[list[np.ndarray], int]] = {}
+        self._cache: dict[str, tuple[list[np.ndarray], int, np.ndarray]] = {}
 
     def for_tokenizer(self, tokenizer) -> tuple[list[np.ndarray], int]:
         """(instances, EOS id) in `tokenizer`'s ids: the stored ones when the vocabularies agree."""
+        return self._entry(tokenizer)[:2]
+
+    def scored_bytes(self, tokenizer) -> np.ndarray:
+        """Per instance, the bytes of text its scored positions cover in `tokenizer`'s ids (bits per byte)."""
+        return self._entry(tokenizer)[2]
+
+    def _entry(self, tokenizer) -> tuple[list[np.ndarray], int, np.ndarray]:
         if self._tokenizer is None:
             self._tokenizer = self.corpus.load_tokenizer()
         key = vocab_fingerprint(tokenizer)
         if key not in self._cache:
             if key == vocab_fingerprint(self._tokenizer):
-                self._cache[key] = (self.instances, self.corpus.eos_id)
+                instances, eos = self.instances, self.corpus.eos_id
             else:
                 max_len = self.corpus.manifest["max_len"]
                 retokenize = Retokenizer(self._tokenizer, self.corpus.eos_id, tokenizer, max_len, "auto")
-                self._cache[key] = ([retokenize(x) for x in self.instances], int(tokenizer.eos_token_id))
+                instances, eos = [retokenize(x) for x in self.instances], int(tokenizer.eos_token_id)
+            masked = np.array(sorted(masked_input_ids(eos, tokenizer)))
+            nbytes = scored_bytes(instances, masked, token_byte_lengths(tokenizer, eos))
+            self._cache[key] = (instances, eos, nbytes)
         return self._cache[key]
 
 
@@ -93,28 +106,17 @@ def heldout_loss(model, tokenizer, heldout: HeldOut, precision: str = "auto", ba
                 sums[batch], counts[batch] = scorer.score([instances[i] for i in batch])
                 advance(int(lengths[batch].sum()))
     model.train(was_training)
-    scored = counts > 0
-    return {"loss_per_token": float(-sums.sum() / max(counts.sum(), 1)),
-            "loss_per_instance": float(np.mean(-sums[scored] / counts[scored])) if scored.any() else float("nan"),
-            "instances": int(len(instances)), "tokens": int(counts.sum())}
+    return loss_summary(-sums, counts, heldout.scored_bytes(tokenizer))
 
 
-def unigram_loss(corpus: PackedCorpus, heldout: HeldOut, train_split: str = "train") -> dict:
-    """Held-out loss of the add-one-smoothed unigram model of `train_split`: the level a trained LM must beat."""
-    tokenizer = corpus.load_tokenizer()
-    counts = corpus.split(train_split).token_counts(len(tokenizer)).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    masked_ids = np.array(sorted(masked_input_ids(corpus.eos_id, tokenizer)))
-    total, n, per_instance = 0.0, 0, []
-    for x in heldout.instances:
-        x = x.astype(np.int64)
-        targets = x[1:][~np.isin(x[:-1], masked_ids)]
-        if len(targets):
-            loss = -logp[targets]
-            total, n = total + loss.sum(), n + len(targets)
-            per_instance.append(loss.mean())
-    return {"loss_per_token": float(total / max(n, 1)), "loss_per_instance": float(np.mean(per_instance)),
-            "instances": len(heldout.instances), "tokens": n}
+def ngram_loss(order: int, fit_on: list[np.ndarray], heldout: HeldOut, tokenizer, eos_id: int) -> dict:
+    """Held-out loss of an n-gram model (`miniplm.data.ngram`) fitted on `fit_on` (instances in `tokenizer`'s
+    ids): the level a model trained on those instances must beat."""
+    masked = np.array(sorted(masked_input_ids(eos_id, tokenizer)))
+    model = ngram.fit(order, fit_on, len(tokenizer), masked)
+    instances, _ = heldout.for_tokenizer(tokenizer)
+    nats, counts = ngram.instance_losses(model, instances, masked)
+    return {**loss_summary(nats, counts, heldout.scored_bytes(tokenizer)), **model.facts}
 
 
 def _checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -156,14 +158,20 @@ def evaluate_loss(config: EvalLossConfig, log=print) -> dict:
             params = sum(p.numel() for p in model.parameters())
             row.update(tokens=tokens, parameters=params,
                        flops=float(training_flops(params, tokens, teacher)) if tokens is not None else None)
-        log(f"eval loss: {directory}: {row['loss_per_token']:.4f} per token, {row['loss_per_instance']:.4f} per "
-            f"instance ({row['tokens']:,} positions of {config.corpus}/{config.split})")
+        log(f"eval loss: {directory}: {describe(row)} ({row['tokens']:,} positions, {row['bytes']:,} bytes of "
+            f"{config.corpus}/{config.split})")
         rows.append(row)
     result = {"corpus": config.corpus, "split": config.split, "points": rows}
     output = config.output or (str(target / "eval_loss.json") if is_run else None)
     if output:
         write_json_atomic(Path(output), result)
     return result
+
+
+def describe(summary: dict) -> str:
+    """'4.1234 +- 0.0081 nats/token, 1.5012 bits/byte' for a loss summary."""
+    return (f"{summary['loss_per_token']:.4f} +- {half_width(summary):.4f} nats/token, "
+            f"{summary['bits_per_byte']:.4f} bits/byte")
 
 
 def is_training_run(path: Path) -> bool:

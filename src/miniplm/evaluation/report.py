@@ -23,9 +23,10 @@ from miniplm.core.config import ConfigError, option
 from miniplm.core.flops import forward_flops, training_flops
 from miniplm.core.hashing import file_sha256
 from miniplm.core.manifest import MANIFEST, read_manifest, write_json_atomic
+from miniplm.core.metrics import half_width
 from miniplm.core.stage import Stage, StageResult, execute
 from miniplm.evaluation.final import TASKS_FILE
-from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, read_curve
+from miniplm.evaluation.scaling import compute_saving, curve_rows, fit_scaling_law, read_curve
 
 
 @dataclass
@@ -116,6 +117,31 @@ def tasks_file(run: Path) -> Path:
     return nested if nested.is_file() else run / TASKS_FILE
 
 
+def _number(value, digits: int = 4) -> str:
+    return "-" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def _reference_points(points: dict) -> list[str]:
+    """The levels students are read against, per held-out split: nats/token with its 95% interval, bits per
+    byte (comparable across tokenizers), and the share of the unigram-to-teacher gap the reference closes."""
+    md = ["## Reference points", "",
+          f"Every level on the same held-out instances; n-gram models fitted on {points['fit_instances']:,} "
+          "instances of the training pool (a bracketed name: in that student tokenizer's ids).", ""]
+    for split, levels in points["levels"].items():
+        md += [f"**{split}**", "", "| level | nats/token (95% CI) | bits/byte | tokens | bytes |",
+               "|---|---|---|---|---|"]
+        md += [f"| {who} | {p['loss_per_token']:.4f} +- {half_width(p):.4f} | {_number(p.get('bits_per_byte'))} | "
+               f"{p['tokens']:,} | {p.get('bytes', 0):,} |" for who, p in levels.items()]
+        if {"unigram", "teacher", "reference"} <= set(levels):
+            unigram, teacher, ref = (levels[k]["loss_per_token"] for k in ("unigram", "teacher", "reference"))
+            md += ["", f"The reference closes {100 * (unigram - ref) / (unigram - teacher):.0f}% of the gap from the "
+                   f"unigram level to the teacher on {split}."]
+        md.append("")
+    md += ["A student below the unigram level has learned more than token frequencies; below the bigram level, "
+           "more than pairs of tokens.", ""]
+    return md
+
+
 def _render(config: ReportConfig, out: Path, log) -> dict:
     runs = [_named(s) for s in config.runs]
     names = [n for n, _ in runs]
@@ -125,12 +151,13 @@ def _render(config: ReportConfig, out: Path, log) -> dict:
     if baseline not in names:
         raise ConfigError(f"baseline: {baseline!r} is not one of the runs ({', '.join(names)})")
 
-    curves, fits, tasks = {}, {}, {}
+    curves, finals, fits, tasks = {}, {}, {}, {}
     for name, path in runs:
         if not path.is_dir():
             raise FileNotFoundError(f"runs: {path} is not a directory")
         try:
             curves[name] = read_curve(path)
+            finals[name] = curve_rows(path)[-1]
         except FileNotFoundError as exc:
             log(f"report: {exc}")
         if name in curves and len(curves[name][0]) >= 3:
@@ -157,18 +184,22 @@ def _render(config: ReportConfig, out: Path, log) -> dict:
         fig.tight_layout()
         fig.savefig(out / "loss_vs_compute.png", dpi=120)
         md += ["## Held-out loss against training compute", "", "![loss vs compute](loss_vs_compute.png)", "",
-               "| run | final FLOPs | final loss | A | alpha | L_inf | fit RMSE | points |"
+               "| run | final FLOPs | final loss (95% CI) | bits/byte | A | alpha | L_inf | fit RMSE | points |"
                + (" loss at extrapolated C |" if config.extrapolate_to else "")
                + f" compute saving vs {baseline} |",
-               "|---|---|---|---|---|---|---|---|" + ("---|" if config.extrapolate_to else "") + "---|"]
+               "|---|---|---|---|---|---|---|---|---|" + ("---|" if config.extrapolate_to else "") + "---|"]
         base_fit = fits.get(baseline)
         target = float(curves[baseline][1][-1]) if baseline in curves else math.nan
         for name, (c, y) in curves.items():
             fit = fits.get(name)
             saving = compute_saving(base_fit, fit, target) if (fit and base_fit and name != baseline) else None
-            row = {"final_flops": float(c[-1]), "final_loss": float(y[-1]), "fit": fit.to_dict() if fit else None,
-                   "compute_saving": saving}
-            cells = [name, f"{c[-1]:.3g}", f"{y[-1]:.4f}"]
+            final = finals[name]
+            row = {"final_flops": float(c[-1]), "final_loss": float(y[-1]),
+                   "final_loss_ci95": final.get("loss_per_token_ci95"),
+                   "final_bits_per_byte": final.get("bits_per_byte"),
+                   "fit": fit.to_dict() if fit else None, "compute_saving": saving}
+            cells = [name, f"{c[-1]:.3g}", f"{y[-1]:.4f}" + (f" +- {half_width(final):.4f}" if final.get(
+                "loss_per_token_ci95") else ""), _number(final.get("bits_per_byte"))]
             cells += [f"{fit.A:.4g}", f"{fit.alpha:.4f}", f"{fit.L_inf:.4f}", f"{fit.rmse:.4f}", str(fit.points)] \
                 if fit else ["-"] * 4 + [str(len(c))]
             if config.extrapolate_to:
@@ -183,10 +214,7 @@ def _render(config: ReportConfig, out: Path, log) -> dict:
                f"{baseline}'s final loss ({target:.4f}), both read off the fitted curves.", ""]
     if config.reference_points:
         points = json.loads(Path(config.reference_points).read_text())
-        md += [f"Reference points on the same held-out instances ({points.get('split')}): "
-               + ", ".join(f"{who} {p['loss_per_token']:.4f}" for who, p in points.items()
-                           if isinstance(p, dict) and "loss_per_token" in p)
-               + " nats/token. A student below the unigram level has learned more than token frequencies.", ""]
+        md += _reference_points(points)
         results["reference_points"] = points
     if tasks:
         task_names = list(dict.fromkeys(t for r in tasks.values() for t in r["tasks"]))

@@ -80,6 +80,12 @@ def compute_saving(baseline: ScalingFit, other: ScalingFit, target_loss: float) 
 def read_curve(run: str | Path, metric: str = "loss_per_token") -> tuple[np.ndarray, np.ndarray]:
     """(FLOPs, held-out loss) of a training run: its eval.jsonl (written with --eval-every), else the
     eval_loss.json of `miniplm eval loss` over its checkpoints."""
+    rows = curve_rows(run)
+    return np.array([r["flops"] for r in rows], dtype=np.float64), np.array([r.get(metric, np.nan) for r in rows])
+
+
+def curve_rows(run: str | Path) -> list[dict]:
+    """The held-out evaluations of a training run, in order of training FLOPs."""
     run = Path(run)
     if (run / "eval.jsonl").is_file():
         rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if line]
@@ -88,5 +94,4 @@ def read_curve(run: str | Path, metric: str = "loss_per_token") -> tuple[np.ndar
     else:
         raise FileNotFoundError(f"{run} has no held-out loss curve: train with --eval-every N, or run "
                                 f"`miniplm eval loss --model {run}`")
-    rows.sort(key=lambda r: r["flops"])
-    return np.array([r["flops"] for r in rows], dtype=np.float64), np.array([r[metric] for r in rows])
+    return sorted(rows, key=lambda r: r["flops"])

@@ -390,8 +390,8 @@ def _log_eval(path: Path, model, tokenizer, heldout, precision: str, step: int, 
               n_teacher: int) -> None:
     result = heldout_loss(model, tokenizer, heldout, precision)
     row = {"step": step, "tokens": tokens, "flops": float(training_flops(n_params, tokens, n_teacher)),
-           "loss_per_token": round(result["loss_per_token"], 6),
-           "loss_per_instance": round(result["loss_per_instance"], 6)}
+           **{key: round(result[key], 6) for key in ("loss_per_token", "loss_per_instance", "bits_per_byte")},
+           "loss_per_token_ci95": [round(v, 6) for v in result.get("loss_per_token_ci95", [])]}
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row) + "\n")
 

@@ -1,0 +1,45 @@
+"""Held-out loss summaries every model gets alike: nats per token, bits per byte, a bootstrap interval.
+
+Bits per byte = (sum of the losses of the scored positions, in nats) / ln 2 / (the UTF-8 bytes those
+positions' target tokens stand for, EOS counting one byte). Unlike nats/token it does not depend on how a
+tokenizer cuts the text, so students of different tokenizers compare on the same text.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from miniplm.core.tokens import scored_targets
+
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def loss_summary(nats: np.ndarray, counts: np.ndarray, nbytes: np.ndarray, seed: int = 0) -> dict:
+    """Per-instance summed losses (nats), scored positions and scored bytes -> the means and their 95%
+    bootstrap intervals (instances resampled with replacement, seeded: the same inputs give the same interval)."""
+    nats, counts, nbytes = (np.asarray(a, dtype=np.float64) for a in (nats, counts, nbytes))
+    scored = counts > 0
+    summary = {"loss_per_token": float(nats.sum() / max(counts.sum(), 1)),
+               "loss_per_instance": float(np.mean(nats[scored] / counts[scored])) if scored.any() else math.nan,
+               "bits_per_byte": float(nats.sum() / math.log(2) / nbytes.sum()) if nbytes.sum() else math.nan,
+               "instances": int(len(nats)), "tokens": int(counts.sum()), "bytes": int(nbytes.sum())}
+    if len(nats) > 1:
+        draws = np.random.default_rng(seed).integers(0, len(nats), size=(BOOTSTRAP_RESAMPLES, len(nats)))
+        per_token = nats[draws].sum(1) / np.maximum(counts[draws].sum(1), 1)
+        per_byte = nats[draws].sum(1) / math.log(2) / np.maximum(nbytes[draws].sum(1), 1)
+        summary["loss_per_token_ci95"] = [float(v) for v in np.percentile(per_token, [2.5, 97.5])]
+        summary["bits_per_byte_ci95"] = [float(v) for v in np.percentile(per_byte, [2.5, 97.5])]
+    return summary
+
+
+def half_width(summary: dict, key: str = "loss_per_token") -> float:
+    """Half the width of a summary's 95% interval (nan without one)."""
+    low, high = summary.get(f"{key}_ci95", (math.nan, math.nan))
+    return (high - low) / 2
+
+
+def scored_bytes(instances, masked: np.ndarray, byte_lengths: np.ndarray) -> np.ndarray:
+    """Per instance, the UTF-8 bytes its scored positions' targets stand for (`core.tokens.token_byte_lengths`)."""
+    return np.array([byte_lengths[scored_targets(x, masked)[1]].sum() for x in instances], dtype=np.int64)
