@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from miniplm.core.config import load_config
-from miniplm.training.train import TrainConfig, lr_at, masked_loss, train
+from miniplm.data.shards import PackedCorpus
+from miniplm.training.train import Batches, TrainConfig, lr_at, masked_loss, planned_warmup, split_validation, train
 
 
 def cfg(corpus, output, **kw) -> TrainConfig:
@@ -113,6 +114,10 @@ def test_vanilla_kd_trains_with_matched_flops_and_refuses_another_vocabulary(pre
                          match_flops=True, max_steps=20), log=logs.append).manifest
     assert any("--match-flops: 20 steps ->" in m for m in logs)
     assert manifest["steps"] < 20 and len(curve(tmp_path / "kd")) == manifest["steps"]
+    # its warmup shrinks with its steps (5 of 20 -> the same share of its own), so it never ends inside warmup
+    assert manifest["warmup_steps"] == max(1, round(5 * manifest["steps"] / 20)) < manifest["steps"]
+    lrs = [row["lr"] for row in curve(tmp_path / "kd")]
+    assert lrs.index(max(lrs)) == manifest["warmup_steps"] - 1 and lrs[-1] < max(lrs)
     with pytest.raises(ValueError, match="needs one vocabulary"):
         train(cfg(prepared_corpus, tmp_path / "kd2", kd="vanilla", teacher="smollm2"), log=lambda m: None)
 
@@ -165,3 +170,50 @@ def test_ddp_two_ranks_follow_the_single_process_curve(prepared_corpus, tmp_path
     one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert [r["step"] for r in two] == list(range(1, 13)) and [r["tokens"] for r in one] == [r["tokens"] for r in two]
     assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two], atol=2e-4)
+
+
+def test_warmup_as_a_fraction_of_the_run():
+    config = TrainConfig(warmup_steps=100, warmup_fraction=0.1)
+    assert planned_warmup(config, 37, 37) == 4
+    assert planned_warmup(TrainConfig(warmup_steps=20), 13, 52) == 5  # a FLOP-matched cut of 52 -> 13 steps
+
+
+def test_shuffled_order_is_seeded_covers_each_epoch_once_and_skips_the_validation_slice(prepared_corpus, tmp_path):
+    split = PackedCorpus(prepared_corpus).split("train")
+    training, validating = split_validation(len(split), 0.1)
+    assert len(validating) == len(split) // 10 and not set(training) & set(validating)
+
+    def order(seed: int, shuffled: bool = True) -> list[int]:
+        batches = Batches(split, training, 4, 0, shuffled, seed)
+        return [batches.index(p) for p in range(2 * len(training))]
+
+    first = order(1)
+    assert first == order(1) and first != order(2) and order(1, shuffled=False)[: len(training)] == list(training)
+    for epoch in (first[: len(training)], first[len(training):]):  # every training instance once per epoch
+        assert sorted(epoch) == list(training)
+    assert first[: len(training)] != first[len(training):]  # shuffled anew each epoch
+
+    runs = [train(cfg(prepared_corpus, tmp_path / name, order="shuffled", seed=seed, max_steps=8),
+                  log=lambda m: None) for name, seed in (("a", 3), ("b", 3), ("c", 4))]
+    a, b, c = (curve(tmp_path / name) for name in "abc")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] != [r["loss"] for r in c]
+    assert runs[0].manifest["key"] != runs[2].manifest["key"]
+
+
+def test_validation_slice_early_stopping_keeps_the_best_model(prepared_corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "ref"
+    manifest = train(cfg(prepared_corpus, run, split="ref", max_steps=400, lr=0.05, warmup_steps=2,
+                         validation_fraction=0.2, validate_every=5, patience=2, save_every=1000),
+                     log=lambda m: None).manifest
+    rows = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+    best = min(range(len(rows)), key=lambda i: rows[i]["loss_per_token"])
+    assert manifest["validation"]["best"] == rows[best]
+    assert manifest["validation"]["stopped_early"] and manifest["steps"] < 400
+    assert len(rows) - 1 - best == 2 and rows[-1]["step"] == manifest["steps"]  # stopped after 2 without a new best
+    final = load_file(run / "final" / "model.safetensors")
+    kept = load_file(run / "best" / "model.safetensors")
+    assert all(torch.equal(final[k], kept[k]) for k in final)
+    with pytest.raises(Exception, match="needs a validation slice"):
+        cfg(prepared_corpus, run, patience=2)

@@ -178,7 +178,8 @@ def test_train(world, tmp_path):
     def command(out):
         return miniplm("train", "--corpus", world["corpus"], "--output", out, "--model", "qwen2-tiny",
                        "--batch-size", 4, "--max-steps", 40, "--warmup-steps", 4, "--save-every", 4,
-                       "--log-every", 1, "--precision", "fp32", "--threads", 1, "--progress", "false")
+                       "--log-every", 1, "--precision", "fp32", "--threads", 1, "--progress", "false",
+                       "--order", "shuffled", "--validation-fraction", 0.1, "--validate-every", 4)
 
     duration = run_to_end(command(tmp_path / "whole"))
     resumed = tmp_path / "resumed"
@@ -187,6 +188,11 @@ def test_train(world, tmp_path):
     curves = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
               for d in ("whole", "resumed")]
     assert [r["step"] for r in curves[1]] == list(range(1, 41))
+    validation = [[json.loads(x) for x in (tmp_path / d / "validation.jsonl").read_text().splitlines()]
+                  for d in ("whole", "resumed")]
+    assert [r["step"] for r in validation[1]] == list(range(4, 41, 4))
+    assert np.allclose([r["loss_per_token"] for r in validation[0]], [r["loss_per_token"] for r in validation[1]],
+                       atol=1e-5)
     assert np.allclose([r["loss"] for r in curves[0]], [r["loss"] for r in curves[1]], atol=1e-5)
     from safetensors.numpy import load_file
 

@@ -14,6 +14,7 @@ Compute per point: training FLOPs = 6 * N * D (N: the model's parameters, D: tra
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +54,15 @@ class EvalLossConfig(Compute):
 class HeldOut:
     """The instances of a held-out split as token arrays in one model's tokenizer (re-tokenized if needed)."""
 
-    def __init__(self, corpus: PackedCorpus, split: str, max_instances: int | None = None):
+    def __init__(self, corpus: PackedCorpus, split: str, max_instances: int | None = None,
+                 indices: Sequence[int] | None = None):
         self.corpus = corpus
         self.split: PackedSplit = corpus.split(split)
-        n = len(self.split) if max_instances is None else min(max_instances, len(self.split))
-        if n == 0:
+        if indices is None:
+            indices = range(len(self.split) if max_instances is None else min(max_instances, len(self.split)))
+        if len(indices) == 0:
             raise ValueError(f"{corpus.path}/{split} has no instances to evaluate")
-        self.instances = [self.split[i] for i in range(n)]
+        self.instances = [self.split[int(i)] for i in indices]
         self._tokenizer = None
         self._cache: dict[str, tuple[list[np.ndarray], int, np.ndarray]] = {}
 

@@ -54,14 +54,23 @@ class TrainConfig(Compute):
     max_steps: int | None = option(None, "optimizer steps (null: from max_tokens or epochs)")
     max_tokens: int | None = option(None, "stop after this many training tokens (null: epochs)")
     epochs: float = option(1.0, "passes over the split when neither max_steps nor max_tokens is set")
-    warmup_steps: int = option(100, "linear warmup steps (the paper: 2,000 of 100K)")
+    warmup_steps: int = option(100, "linear warmup steps (the paper: 2,000 of 100K); a FLOP-matched KD run scales "
+                               "them by its step cut, so its schedule has the shape of the run it is matched to")
+    warmup_fraction: float | None = option(None, "warmup as a fraction of the run's steps (overrides warmup_steps)")
     min_lr_ratio: float = option(0.1, "cosine decays to this fraction of lr")
     weight_decay: float = option(0.01, "AdamW weight decay")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.98, "AdamW beta2")
     eps: float = option(1e-6, "AdamW epsilon")
     grad_clip: float = option(1.0, "gradient norm clip")
-    seed: int = option(10, "seed of the initial weights (the paper's)")
+    seed: int = option(10, "seed of the initial weights (the paper's) and of the shuffled order")
+    order: Literal["stored", "shuffled"] = option(
+        "stored", "instance order: stored (the paper's) or shuffled with `seed`, anew each epoch")
+    validation_fraction: float = option(0.0, "hold out every (1/f)-th instance of the split as a validation "
+                                        "slice, never trained on (0: none; the reference uses one)")
+    validate_every: int = option(0, "validation loss every N steps into validation.jsonl (0: ten times a run)")
+    patience: int = option(0, "stop after N validations without a new best (0: train every step); with a "
+                           "validation slice, final/ is the best validated model")
     save_every: int = option(100, "checkpoint every N steps (and at the end)", hashed=False)
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep", hashed=False)
     log_every: int = option(10, "log every N steps", hashed=False)
@@ -89,6 +98,14 @@ class TrainConfig(Compute):
             raise ConfigError(f"kd_lambda: must be in [0, 1], got {self.kd_lambda}")
         if self.kd_temperature <= 0:
             raise ConfigError(f"kd_temperature: must be positive, got {self.kd_temperature}")
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.validation_fraction <= 0.5:
+            raise ConfigError(f"validation_fraction: must be in [0, 0.5], got {self.validation_fraction}")
+        if self.validate_every < 0 or self.patience < 0:
+            raise ConfigError("validate_every and patience: must be 0 or positive")
+        if self.patience and not self.validation_fraction:
+            raise ConfigError("patience: early stopping needs a validation slice; set validation_fraction (e.g. 0.05)")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
@@ -99,15 +116,37 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class Batches:
-    """Instances in stored order, `batch_size` per step, cycling over epochs; position = instances consumed."""
+def split_validation(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) instance indices: every round(1/fraction)-th instance validates."""
+    indices = np.arange(n)
+    if not fraction:
+        return indices, indices[:0]
+    every = max(2, round(1 / fraction))
+    validating = indices % every == every - 1
+    return indices[~validating], indices[validating]
 
-    def __init__(self, split: PackedSplit, batch_size: int, pad_id: int):
-        self.split, self.batch_size, self.pad_id = split, batch_size, pad_id
+
+class Batches:
+    """`batch_size` instances per step, cycling over epochs, in stored order or shuffled anew each epoch (a
+    permutation seeded by (seed, epoch)); position = instances consumed, so a resumed run reads on exactly."""
+
+    def __init__(self, split: PackedSplit, indices: np.ndarray, batch_size: int, pad_id: int, shuffled: bool,
+                 seed: int):
+        self.split, self.indices, self.batch_size, self.pad_id = split, indices, batch_size, pad_id
+        self.shuffled, self.seed = shuffled, seed
+        self._orders: dict[int, np.ndarray] = {}
+
+    def index(self, position: int) -> int:
+        """The split index of the instance read at `position`."""
+        epoch, k = divmod(position, len(self.indices))
+        if not self.shuffled:
+            return int(self.indices[k])
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))}
+        return int(self.indices[self._orders[epoch][k]])
 
     def get(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(self.split)
-        instances = [self.split[(position + i) % n].astype(np.int64) for i in range(self.batch_size)]
+        instances = [self.split[self.index(position + i)].astype(np.int64) for i in range(self.batch_size)]
         width = max(len(x) for x in instances)
         tokens = torch.full((len(instances), width), self.pad_id, dtype=torch.long)
         real = torch.zeros((len(instances), width), dtype=torch.bool)
@@ -149,7 +188,8 @@ def flop_matched_steps(steps: int, n_student: int, n_teacher: int) -> int:
 def planned_steps(config: TrainConfig, split: PackedSplit) -> int:
     if config.max_steps is not None:
         return config.max_steps
-    lengths = split.table.column("n_tokens").to_numpy()
+    training, _ = split_validation(len(split), config.validation_fraction)
+    lengths = split.table.column("n_tokens").to_numpy()[training]
     per_step = float(lengths.mean()) * config.batch_size
     tokens = config.max_tokens if config.max_tokens is not None else config.epochs * float(lengths.sum())
     return max(1, math.ceil(tokens / per_step))
@@ -176,6 +216,13 @@ def _load_teacher(config: TrainConfig, corpus: PackedCorpus, tokenizer, device):
                          f"{len(teacher_tokenizer):,}-token tokenizer that differs from the {len(tokenizer):,}-token "
                          f"tokenizer of {corpus.path}; use SeqKD or MiniPLM for a student of another family")
     return load_causal_lm(config.teacher, device=device)
+
+
+def planned_warmup(config: TrainConfig, total_steps: int, unmatched_steps: int) -> int:
+    """The run's warmup: a fraction of its steps, or warmup_steps scaled by a FLOP-matched cut."""
+    if config.warmup_fraction is not None:
+        return round(config.warmup_fraction * total_steps)
+    return max(1, round(config.warmup_steps * total_steps / unmatched_steps)) if config.warmup_steps else 0
 
 
 def _latest_checkpoint(output: Path) -> Path | None:
@@ -206,47 +253,64 @@ class Train(Stage):
         tokenizer = corpus.load_tokenizer()
         device = resolve_device(config.device, local_rank)
         model = build_model(config, corpus, tokenizer).to(device)
-        total_steps = planned_steps(config, split)
+        total_steps = unmatched = planned_steps(config, split)
         n_params = sum(p.numel() for p in model.parameters())
         teacher = _load_teacher(config, corpus, tokenizer, device) if config.kd == "vanilla" else None
         n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
         if teacher is not None and config.match_flops:
-            full = total_steps
-            total_steps = flop_matched_steps(full, n_params, n_teacher)
-            log(f"train: --match-flops: {full} steps -> {total_steps} (student {n_params / 1e6:.1f}M, teacher "
+            total_steps = flop_matched_steps(unmatched, n_params, n_teacher)
+            log(f"train: --match-flops: {unmatched} steps -> {total_steps} (student {n_params / 1e6:.1f}M, teacher "
                 f"{n_teacher / 1e6:.1f}M: the teacher's forward costs the difference)")
+        warmup = planned_warmup(config, total_steps, unmatched)
+        if warmup >= total_steps:
+            log(f"train: warning: warmup ({warmup} steps) is not shorter than the run ({total_steps} steps): it "
+                f"ends before the learning rate peaks; lower warmup_steps or set warmup_fraction")
         peak_lr = config.lr if config.lr is not None else PRESETS.get(config.model, SIZES["mini"]).lr
         optimizer = _optimizer(model, config, peak_lr)
+        training, validating = split_validation(len(split), config.validation_fraction)
         step, position, tokens_seen = 0, 0, 0
         checkpoint = _latest_checkpoint(output)
         if checkpoint is not None:
             step, position, tokens_seen = _load_checkpoint(checkpoint, model, optimizer, device)
             log(f"train: resuming {output} from step {step}")
-        heldout = None
+        heldout = validation = None
         if config.eval_every and rank == 0:
             eval_corpus = PackedCorpus(config.eval_corpus) if config.eval_corpus else corpus
             heldout = HeldOut(eval_corpus, config.eval_split, config.eval_max_instances)
+        if len(validating) and rank == 0:
+            validation = HeldOut(corpus, config.split, indices=validating)
         if rank == 0:
-            _truncate_log(output / "metrics.jsonl", step)
-            _truncate_log(output / "eval.jsonl", step)
+            for log_file in ("metrics.jsonl", "eval.jsonl", VALIDATION_FILE):
+                _truncate_log(output / log_file, step)
         distributed.barrier()
         log(f"train: {type(model).__name__} {n_params / 1e6:.1f}M parameters, {total_steps} steps of "
-            f"{config.batch_size} sequences on {config.corpus}/{config.split}, autocast "
-            f"{resolve_precision(config.precision, device)}, {world} rank(s)")
-        loop = _Loop(config, output, model, teacher, optimizer, tokenizer, heldout, n_params, n_teacher,
-                     masked_input_ids(corpus.eos_id, tokenizer), Batches(split, config.batch_size, corpus.eos_id))
-        tokens_seen = loop.run(step, total_steps, position, tokens_seen, peak_lr)
+            f"{config.batch_size} sequences on {config.corpus}/{config.split} ({len(training):,} instances"
+            + (f", {len(validating):,} more validating" if len(validating) else "") + f", {config.order} order), "
+            f"warmup {warmup}, autocast {resolve_precision(config.precision, device)}, {world} rank(s)")
+        batches = Batches(split, training, config.batch_size, corpus.eos_id, config.order == "shuffled", config.seed)
+        loop = _Loop(config, output, model, teacher, optimizer, tokenizer, heldout, validation, n_params, n_teacher,
+                     masked_input_ids(corpus.eos_id, tokenizer), batches)
+        step, tokens_seen = loop.run(step, total_steps, position, tokens_seen, peak_lr, warmup)
         if rank != 0:
             return {}  # rank 0 writes the model and the manifest
         final = output / "final"
         if final.exists():
             shutil.rmtree(final)
-        shutil.copytree(_latest_checkpoint(output), final, ignore=shutil.ignore_patterns("trainer.pt"))
+        best = _best_validation(output)
+        source = output / BEST if best else _latest_checkpoint(output)
+        shutil.copytree(source, final, ignore=shutil.ignore_patterns("trainer.pt"))
         curve = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        trained_tokens = int(split.table.column("n_tokens").to_numpy()[training].sum())
+        epochs = tokens_seen / max(trained_tokens, 1)
+        if epochs > 1.001:
+            log(f"train: the run read its {trained_tokens:,} training tokens {epochs:.2f} times (repeated data)")
         return dict(status="done", corpus={"path": str(corpus.path), "key": corpus.key, "split": config.split},
                     model={"class": type(model).__name__, "parameters": n_params, "final": "final"},
                     teacher={"spec": config.teacher, "parameters": n_teacher} if teacher is not None else None,
-                    steps=total_steps, tokens=tokens_seen, final_loss=curve[-1]["loss"] if curve else None)
+                    steps=step, planned_steps=total_steps, warmup_steps=warmup, tokens=tokens_seen,
+                    epochs=round(epochs, 4), final_loss=curve[-1]["loss"] if curve else None,
+                    validation={"instances": len(validating), "best": best, "stopped_early": step < total_steps}
+                    if len(validating) else None)
 
     def summary(self, manifest: dict) -> str:
         return (f"trained {manifest['model']['class']} ({manifest['model']['parameters'] / 1e6:.1f}M) for "
@@ -279,13 +343,15 @@ class _Loop:
     optimizer: torch.optim.Optimizer
     tokenizer: object
     heldout: HeldOut | None
+    validation: HeldOut | None
     n_params: int
     n_teacher: int
     masked: set[int]
     batches: Batches
 
-    def run(self, step: int, total_steps: int, position: int, tokens_seen: int, peak_lr: float) -> int:
-        """Train from `step` to `total_steps`; returns the tokens seen."""
+    def run(self, step: int, total_steps: int, position: int, tokens_seen: int, peak_lr: float,
+            warmup: int) -> tuple[int, int]:
+        """Train from `step` to `total_steps` (or an early stop); returns the steps taken and tokens seen."""
         config, model, teacher, optimizer, output = self.config, self.model, self.teacher, self.optimizer, self.output
         rank, world, _ = distributed.rank_world()
         device = next(model.parameters()).device
@@ -297,12 +363,13 @@ class _Loop:
         autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else (
             lambda: torch.autocast(device.type, enabled=False))
         model.train()
+        validate_every = self.config.validate_every or max(1, total_steps // 10)
         window_start, window_tokens = time.time(), 0
         metrics = open(output / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
         with progress(config.progress and rank == 0, total_steps, "train", unit="steps") as advance:
             advance(step)
             while step < total_steps:
-                lr = lr_at(step, total_steps, peak_lr, config.warmup_steps, config.min_lr_ratio)
+                lr = lr_at(step, total_steps, peak_lr, warmup, config.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 tokens, real = self.batches.get(position)  # the global batch; each rank trains on its rows
@@ -339,14 +406,39 @@ class _Loop:
                 if self.heldout is not None and (step % config.eval_every == 0 or step == total_steps):
                     _log_eval(output / "eval.jsonl", model, self.tokenizer, self.heldout, config.precision, step,
                               tokens_seen, self.n_params, self.n_teacher)
-                if step % config.save_every == 0 or step == total_steps:
+                stop = False
+                if self.validation is not None or (world > 1 and config.validation_fraction):
+                    if step % validate_every == 0 or step == total_steps:
+                        stop = self._validate(step, tokens_seen, device)
+                if step % config.save_every == 0 or step == total_steps or stop:
                     if rank == 0:
                         _save_checkpoint(output, step, position, tokens_seen, model, optimizer, self.tokenizer,
                                          config.keep_checkpoints)
                     distributed.barrier()
+                if stop:
+                    break
         if metrics is not None:
             metrics.close()
-        return tokens_seen
+        return step, tokens_seen
+
+    def _validate(self, step: int, tokens: int, device) -> bool:
+        """Validation loss into validation.jsonl (rank 0), the best model into best/; True when `patience`
+        validations in a row found no new best (every rank gets the same answer)."""
+        stop = torch.zeros((), device=device)
+        if self.validation is not None:
+            path = self.output / VALIDATION_FILE
+            rows = _read_rows(path)
+            result = heldout_loss(self.model, self.tokenizer, self.validation, self.config.precision)
+            losses = [r["loss_per_token"] for r in rows]
+            improved = not rows or result["loss_per_token"] < min(losses)
+            since = 0 if improved else len(rows) - int(np.argmin(losses))
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, "tokens": tokens, "loss_per_token": result["loss_per_token"],
+                                     "bits_per_byte": result["bits_per_byte"]}) + "\n")
+            if improved:
+                _save_model(self.output / BEST, self.model, self.tokenizer)
+            stop += bool(self.config.patience) and since >= self.config.patience
+        return bool(distributed.all_reduce_sum(stop) > 0)
 
 
 def _save_checkpoint(output: Path, step: int, position: int, tokens: int, model, optimizer, tokenizer,
@@ -394,6 +486,31 @@ def _log_eval(path: Path, model, tokenizer, heldout, precision: str, step: int, 
            "loss_per_token_ci95": [round(v, 6) for v in result.get("loss_per_token_ci95", [])]}
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row) + "\n")
+
+
+VALIDATION_FILE, BEST = "validation.jsonl", "best"
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def _best_validation(output: Path) -> dict | None:
+    """The validation row of the best model (the one in best/), None without validation."""
+    rows = _read_rows(output / VALIDATION_FILE)
+    return min(rows, key=lambda r: r["loss_per_token"]) if rows else None
+
+
+def _save_model(target: Path, model, tokenizer) -> None:
+    """Write a loadable model directory whole: under a temporary name, then renamed over `target`."""
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 def _truncate_log(path: Path, step: int) -> None:
