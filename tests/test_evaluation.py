@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_llama
-from miniplm.core.config import load_config
+from miniplm.core.config import ConfigError, load_config
 from miniplm.evaluation.report import ReportConfig, build_report
 from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, read_curve
 
@@ -145,3 +145,27 @@ def test_report_renders_fits_savings_and_tasks(tmp_path):
     assert results["runs"]["MiniPLM"]["compute_saving"] == pytest.approx(2.0, rel=0.03)
     assert (tmp_path / "report" / "loss_vs_compute.png").stat().st_size > 10_000
     assert "<table>" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_report_gives_paired_differences_by_seed(tmp_path):
+    finals = {("base", 1): 5.0, ("base", 2): 5.4, ("base", 3): 5.2, ("arm", 1): 4.9, ("arm", 2): 5.1, ("arm", 3): 5.3}
+    runs, paired = [], []
+    for (arm, seed), loss in finals.items():
+        run = tmp_path / f"{arm}-{seed}"
+        run.mkdir()
+        rows = [{"step": 1, "tokens": 1, "flops": 1e12, "loss_per_token": loss + 1, "bits_per_byte": 2.0},
+                {"step": 2, "tokens": 2, "flops": 2e12, "loss_per_token": loss, "bits_per_byte": loss / 2}]
+        (run / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(f"{arm}-{seed}={run}")
+        paired.append(f"{arm}-{seed}:{arm}:{seed}")
+    build_report(load_config(ReportConfig, None, {"runs": runs, "paired": paired, "output": str(tmp_path / "r")}),
+                 log=lambda m: None)
+    results = json.loads((tmp_path / "r" / "results.json").read_text())["paired_differences"]
+    diffs = np.array([finals[("arm", s)] - finals[("base", s)] for s in (1, 2, 3)])
+    got = results["arm"]["loss_per_token (curve)"]
+    assert got["mean_difference"] == pytest.approx(diffs.mean()) and got["std_difference"] == pytest.approx(
+        diffs.std(ddof=1))
+    assert results["arm"]["seeds"] == [1, 2, 3] and "base" not in results
+    assert "## Paired differences across seeds" in (tmp_path / "r" / "report.md").read_text()
+    with pytest.raises(ConfigError, match="is not RUN:ARM:SEED"):
+        load_config(ReportConfig, None, {"runs": runs, "paired": ["a:b"]})

@@ -70,7 +70,12 @@ def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, 
         assert set(levels) == {"unigram", "bigram", "teacher", "reference"}
         assert all(p["loss_per_token"] > 0 and p["bits_per_byte"] > 0 and len(p["loss_per_token_ci95"]) == 2
                    for p in levels.values())
-    assert points["fit_instances"] == 80  # the n-gram levels are fitted on the scored pool
+    assert points["fit_instances"] == 80  # the n-gram levels are fitted on the scored pool ...
+    diagnostic = json.loads((out / "selections" / "miniplm" / "manifest.json").read_text())["ngram_diagnostic"]
+    for split in ("heldout_hq", "heldout"):  # ... as the selections' diagnostics, on the same instances
+        for level in ("unigram", "bigram"):
+            assert diagnostic[split]["pool"][level]["loss_per_token"] == pytest.approx(
+                points["levels"][split][level]["loss_per_token"], rel=1e-12)
     assert (out / "report" / "report.html").is_file() and (out / "selections" / "random-mix").is_dir()
     # nothing written outside the output directory (and the cache it was given), nothing temporary left
     inputs = {"raw", "teacher", "run.yaml", "cache", "run"}
@@ -140,3 +145,22 @@ def test_run_config_refusals(tmp_path, tokenizer_dir):
         load_config(RunConfig, None, {**base, "students": [{"name": "x", "data": "seqkd"}]})
     with pytest.raises(ConfigError, match="Vanilla KD needs the teacher's tokenizer"):
         load_config(RunConfig, None, {**base, "students": [{"name": "x", "kd": "vanilla", "tokenizer": "gpt2"}]})
+
+
+def test_seeds_vary_random_draws_and_group_students_into_arms(tmp_path, tokenizer_dir):
+    from miniplm.pipeline import Pipeline
+
+    base = run_yaml(tmp_path, tokenizer_dir)
+    students = [{"name": f"{arm}-s{seed}", "model": "qwen2-tiny", "data": data, "train": {"seed": seed}}
+                for seed in (10, 2) for arm, data in (("no-kd", "all"), ("random", "random-mix"), ("mp", "miniplm"))]
+    pipeline = Pipeline(load_config(RunConfig, None, {**base, "students": students}))
+    labels = [step.label for step in pipeline.steps()]
+    # the random selection is drawn again for seed 2 (seed 10 is its own seed); MiniPLM's is deterministic
+    assert "select random-mix@seed2" in labels and not any("miniplm@" in label for label in labels)
+    by_name = {s.name: s for s in pipeline.config.students}
+    assert pipeline.data(by_name["random-s2"]).name == "random-mix@seed2"
+    assert pipeline.data(by_name["random-s10"]).name == "random-mix"
+    assert pipeline.select_config("random-mix", 2).seed == 2
+    assert [pipeline.arm(s) for s in pipeline.config.students] == [
+        ("no-kd-s10", 10), ("random-s10", 10), ("mp-s10", 10), ("no-kd-s10", 2), ("random-s10", 2), ("mp-s10", 2)]
+    assert pipeline.report_config().paired[3] == "no-kd-s2:no-kd-s10:2"

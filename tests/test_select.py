@@ -189,3 +189,40 @@ def test_max_instances_selects_among_a_scored_prefix(setting):
     manifest, rows = run(s, "prefix", teacher=str(s["tmp"] / "t-prefix"), max_instances=m)
     assert manifest["instances"] == m and len(rows["instance_id"]) == m
     assert kept(rows) == top_ids((s["t"] - s["f"])[:m], m // 2)
+
+
+def test_ngram_diagnostic_sees_a_selection_move_toward_a_domain(tokenizer_dir, tmp_path):
+    from conftest import SENTENCES, write_jsonl
+    from miniplm.data import ngram
+    from miniplm.data.prepare import PrepareConfig, prepare
+
+    records = [{"text": " ".join(str((i * 7 + k) % 100) for k in range(40)), "domain": "digits", "id": f"d{i}"}
+               for i in range(80)]
+    records += [{"text": " ".join(SENTENCES[(i + k) % 5] for k in range(4)), "domain": "words", "id": f"w{i}"}
+                for i in range(80)]
+    write_jsonl(tmp_path / "raw" / "mix.jsonl", records)
+    prepare(load_config(PrepareConfig, None, {
+        "inputs": [str(tmp_path / "raw")], "output": str(tmp_path / "corpus"), "tokenizer": str(tokenizer_dir),
+        "max_len": 64, "progress": False, "splits": {"digits_heldout": {"fraction": 0.2, "domains": ["digits"]}}}),
+        log=lambda m: None)
+    corpus = PackedCorpus(tmp_path / "corpus")
+    domains = np.array(corpus.split("train").table.column("domain").to_pylist())
+    teacher = np.where(domains == "digits", -1.0, -3.0)  # the teacher finds the digits far likelier
+    s = dict(corpus=tmp_path / "corpus", tmp=tmp_path,
+             teacher=write_scores(tmp_path / "t", tmp_path / "corpus", teacher),
+             ref=write_scores(tmp_path / "r", tmp_path / "corpus", np.full(len(domains), -4.0)))
+    manifest, rows = run(s, alpha=0.4)
+    found = manifest["ngram_diagnostic"]
+    assert list(found) == ["digits_heldout"]  # the default: every split but the selected one and ref
+    levels = found["digits_heldout"]
+    for level in ("unigram", "bigram"):
+        assert levels["kept"][level]["loss_per_token"] < levels["pool"][level]["loss_per_token"] - 0.1
+    # recomputed from the kept instances directly
+    split = corpus.split("train")
+    kept = [split[i] for i in np.flatnonzero(rows["selected"])]
+    heldout = [corpus.split("digits_heldout")[i] for i in range(len(corpus.split("digits_heldout")))]
+    masked = np.array([corpus.eos_id])
+    nats, counts = ngram.instance_losses(ngram.fit(2, kept, len(corpus.load_tokenizer()), masked), heldout, masked)
+    assert levels["kept"]["bigram"]["loss_per_token"] == pytest.approx(nats.sum() / counts.sum(), rel=1e-12)
+    with pytest.raises(ValueError, match="has no split 'nope'; it has: "):
+        run(s, name="bad", diagnostic_splits=["nope"])

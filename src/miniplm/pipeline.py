@@ -74,7 +74,8 @@ FIXED = {
     "prepare": ("output",),
     "reference": ("corpus", "split", "output"),
     "score": ("model", "corpus", "split", "output"),
-    "selections": ("corpus", "split", "teacher", "reference", "output"),
+    "selections": ("corpus", "split", "teacher", "reference", "output", "diagnostic_splits",
+                   "diagnostic_max_instances"),
     "generate": ("model", "corpus", "split", "output"),
     "train": ("model", "corpus", "split", "output", "eval_every", "eval_corpus", "eval_split", "eval_max_instances",
               "kd", "teacher"),
@@ -181,11 +182,30 @@ class Pipeline:
     def student(self, name: str) -> Path:
         return self.out / "students" / name
 
+    def draw(self, student: StudentConfig) -> str:
+        """The selection a student's data comes from: a random selection is drawn anew for each student seed
+        (`<name>@seed<N>`), so that seeds vary the draw as well as the weights and the order."""
+        config = self.config.selections[student.data]
+        seed = self.config.student_train(student).seed
+        random = config.selector == "random" or config.temperature is not None
+        return f"{student.data}@seed{seed}" if random and seed != config.seed else student.data
+
     def data(self, student: StudentConfig) -> Path:
         if student.data == "seqkd":
             return self.seqkd
         suffix = "" if student.tokenizer is None else "-" + manifest_key(student.tokenizer)[:8]
-        return self.out / "data" / f"{student.data}{suffix}"
+        name = "all" if student.data == "all" else self.draw(student)
+        return self.out / "data" / f"{name}{suffix}"
+
+    def arm(self, student: StudentConfig) -> tuple[str, int]:
+        """(arm, seed): students that differ only in their seed are one arm, named after its first student."""
+        def identity(s: StudentConfig) -> str:
+            settings = {k: v for k, v in dataclasses.asdict(self.config.student_train(s)).items() if k != "seed"}
+            return manifest_key([s.model, s.data, s.kd, s.tokenizer, settings])
+
+        mine = identity(student)
+        first = next(s for s in self.config.students if identity(s) == mine)
+        return first.name, self.config.student_train(student).seed
 
     # -- the stages and their configs ------------------------------------------------------------------
     def steps(self) -> list[Step]:
@@ -198,6 +218,9 @@ class Pipeline:
                                                                             str(self.reference / "final")))]
         steps += [Step(f"select {name}", Select(), functools.partial(self.select_config, name))
                   for name in c.selections]
+        draws = {self.draw(s): s for s in c.students if s.data in c.selections and self.draw(s) != s.data}
+        steps += [Step(f"select {name}", Select(), functools.partial(
+            self.select_config, s.data, c.student_train(s).seed)) for name, s in draws.items()]
         if any(s.data == "seqkd" for s in c.students):
             steps.append(Step("generate SeqKD corpus", Generate(), self.generate_config))
         exports = {}
@@ -219,15 +242,19 @@ class Pipeline:
         return dataclasses.replace(self.config.score, model=model, corpus=str(self.corpus), split="train",
                                    output=str(self.scores[who]))
 
-    def select_config(self, name: str) -> SelectConfig:
-        config = self.config.selections[name]
+    def select_config(self, name: str, seed: int | None = None) -> SelectConfig:
+        """Selection `name`, or its draw with another seed (written to `<name>@seed<N>`)."""
+        config, e = self.config.selections[name], self.config.eval
+        output = self.selection(name if seed is None else f"{name}@seed{seed}")
         quota = config.domain_quota
         if isinstance(quota, str) and quota.startswith("from:") and quota[5:] in self.config.selections:
             quota = f"from:{self.selection(quota[5:])}"
         pool = config.max_instances if config.max_instances is not None else self.config.score.max_instances
         return dataclasses.replace(config, corpus=str(self.corpus), split="train", teacher=str(self.scores["teacher"]),
-                                   reference=str(self.scores["reference"]), output=str(self.selection(name)),
-                                   domain_quota=quota, max_instances=pool)
+                                   reference=str(self.scores["reference"]), output=str(output),
+                                   domain_quota=quota, max_instances=pool, seed=config.seed if seed is None else seed,
+                                   diagnostic_splits=self.eval_splits(), diagnostic_max_instances=e.max_instances,
+                                   report=config.report and seed is None)
 
     def generate_config(self) -> GenerateConfig:
         config = self.config.generate
@@ -236,7 +263,7 @@ class Pipeline:
                                    output=str(self.seqkd), max_instances=pool)
 
     def export_config(self, student: StudentConfig) -> ExportConfig:
-        source = next(iter(self.config.selections)) if student.data == "all" else student.data
+        source = next(iter(self.config.selections)) if student.data == "all" else self.draw(student)
         return ExportConfig(selection=str(self.selection(source)),
                             subset="all" if student.data == "all" else "selected", format="tokens",
                             tokenizer=student.tokenizer, output=str(self.data(student)))
@@ -269,9 +296,14 @@ class Pipeline:
         return FinalEvalConfig(run=str(run), corpus=str(self.corpus), tasks=e.tasks, task_limit=e.task_limit,
                                splits=e.final_splits, max_instances=e.max_instances, output=str(run / "evaluation"))
 
+    def eval_splits(self) -> list[str]:
+        """The held-out splits every model and level is measured on: the curve's split first."""
+        e = self.config.eval
+        return list(dict.fromkeys([e.split, *e.final_splits]))
+
     def reference_points_config(self) -> ReferencePointsConfig:
         e, c = self.config.eval, self.config
-        return ReferencePointsConfig(corpus=str(self.corpus), splits=list(dict.fromkeys([e.split, *e.final_splits])),
+        return ReferencePointsConfig(corpus=str(self.corpus), splits=self.eval_splits(),
                                      max_instances=e.max_instances, fit_max_instances=c.score.max_instances,
                                      tokenizers=list(dict.fromkeys(s.tokenizer for s in c.students if s.tokenizer)),
                                      teacher=c.teacher if e.teacher_loss else None,
@@ -282,7 +314,11 @@ class Pipeline:
         if any(s.data == "seqkd" for s in self.config.students):
             costs.append(self.seqkd)
         selection = "miniplm" if "miniplm" in self.config.selections else next(iter(self.config.selections))
-        return ReportConfig(runs=[f"{s.name}={self.student(s.name)}" for s in self.config.students],
+        arms = [self.arm(s) for s in self.config.students]
+        paired = [f"{s.name}:{arm}:{seed}" for s, (arm, seed) in zip(self.config.students, arms)] \
+            if len(set(arms)) > len({arm for arm, _ in arms}) else []  # only where some arm has several seeds
+        return ReportConfig(runs=[f"{s.name}={self.student(s.name)}" for s in self.config.students], paired=paired,
+                            diagnostics=[f"{name}={self.selection(name)}" for name in self.config.selections],
                             selection=str(self.selection(selection)), costs=[str(c) for c in costs],
                             title=self.config.title, output=str(self.report),
                             reference_points=str(self.points / POINTS_FILE))

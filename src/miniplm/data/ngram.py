@@ -18,7 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from miniplm.core.tokens import scored_targets
+from miniplm.core.metrics import loss_summary, scored_bytes
+from miniplm.core.tokens import masked_input_ids, scored_targets, token_byte_lengths
+from miniplm.data.shards import PackedCorpus
 
 ORDERS = (1, 2)
 DISCOUNTS = np.round(np.arange(0.05, 1.0, 0.05), 2)
@@ -113,3 +115,29 @@ def instance_losses(model, instances: Sequence[np.ndarray], masked: np.ndarray) 
     nats = -model.log_probs(contexts, targets)
     return (np.bincount(owner, weights=nats, minlength=len(instances)),
             np.bincount(owner, minlength=len(instances)))
+
+
+NAMES = {1: "unigram", 2: "bigram"}
+
+
+def diagnostic(corpus: PackedCorpus, split: str, fits: dict[str, np.ndarray], eval_splits: Sequence[str],
+               max_instances: int | None = None) -> dict:
+    """What a selection's data is like, before any student trains on it: for each named set of instance indices
+    of `split` (say the pool and the kept half), the held-out loss on each of `eval_splits` of the unigram and
+    bigram models fitted on that set. {eval split: {set: {unigram: summary, bigram: summary}}}."""
+    tokenizer = corpus.load_tokenizer()
+    masked = np.array(sorted(masked_input_ids(corpus.eos_id, tokenizer)))
+    byte_lengths = token_byte_lengths(tokenizer, corpus.eos_id)
+    source = corpus.split(split)
+    models = {name: {NAMES[order]: fit(order, [source[int(i)] for i in indices], len(tokenizer), masked)
+                     for order in ORDERS} for name, indices in fits.items()}
+    found = {}
+    for name in eval_splits:
+        heldout = corpus.split(name)
+        n = len(heldout) if max_instances is None else min(max_instances, len(heldout))
+        instances = [heldout[i] for i in range(n)]
+        nbytes = scored_bytes(instances, masked, byte_lengths)
+        found[name] = {fitted: {level: {**loss_summary(*instance_losses(model, instances, masked), nbytes),
+                                        **model.facts} for level, model in levels.items()}
+                       for fitted, levels in models.items()}
+    return found

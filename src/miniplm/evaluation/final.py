@@ -20,6 +20,7 @@ from miniplm.core.models import load_causal_lm
 from miniplm.core.stage import Stage
 from miniplm.core.tokenizer import load_tokenizer, source_fingerprint
 from miniplm.core.tokens import Retokenizer
+from miniplm.data.ngram import NAMES as NGRAM_NAMES
 from miniplm.data.ngram import check_orders
 from miniplm.data.shards import PackedCorpus
 from miniplm.evaluation.loss import HeldOut, describe, heldout_loss, ngram_loss
@@ -93,9 +94,6 @@ class ReferencePointsConfig(Progress):
             check_orders(self.orders, "orders")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-
-
-NGRAM_NAMES = {1: "unigram", 2: "bigram"}
 
 
 class ReferencePoints(Stage):

@@ -25,7 +25,7 @@ from miniplm.core.hashing import file_sha256
 from miniplm.core.manifest import MANIFEST, read_manifest, write_json_atomic
 from miniplm.core.metrics import half_width
 from miniplm.core.stage import Stage, StageResult, execute
-from miniplm.evaluation.final import TASKS_FILE
+from miniplm.evaluation.final import SPLITS_FILE, TASKS_FILE
 from miniplm.evaluation.scaling import compute_saving, curve_rows, fit_scaling_law, read_curve
 
 
@@ -34,7 +34,12 @@ class ReportConfig:
     runs: list[str] = field(default_factory=list, metadata={
         "help": "training run directories, each as NAME=DIR or DIR (named by its folder)"})
     baseline: str | None = option(None, "the run compute savings are measured against (null: the first)")
+    paired: list[str] = field(default_factory=list, metadata={
+        "help": "RUN:ARM:SEED for each run of a multi-seed comparison: the report gives each arm's paired "
+                "differences against the baseline's arm, seed by seed (`miniplm run` fills this in)"})
     selection: str | None = option(None, "a `miniplm select` output whose report is linked in")
+    diagnostics: list[str] = field(default_factory=list, metadata={
+        "help": "`miniplm select` outputs (NAME=DIR or DIR) whose n-gram diagnostics are tabulated side by side"})
     costs: list[str] = field(default_factory=list, metadata={
         "help": "offline stage outputs (score, train of the reference, generate) for the cost table"})
     reference_points: str | None = option(None, "a JSON of reference held-out losses (unigram, teacher) as "
@@ -47,6 +52,10 @@ class ReportConfig:
     def validate(self) -> None:
         if not self.runs:
             raise ConfigError("runs: name at least one training run directory")
+        for entry in self.paired:
+            run, arm, seed = (entry.split(":") + ["", "", ""])[:3]
+            if not (run and arm and seed.lstrip("-").isdigit()) or entry.count(":") != 2:
+                raise ConfigError(f"paired: {entry!r} is not RUN:ARM:SEED (e.g. no-kd-s2:no-kd:2)")
 
 
 def _named(spec: str) -> tuple[str, Path]:
@@ -91,11 +100,12 @@ class Report(Stage):
         """The content hash of every file the report reads: it is redone exactly when one of them changed."""
         files = []
         for _, path in (_named(s) for s in config.runs):
-            files += [path / "eval.jsonl", path / "eval_loss.json", tasks_file(path)]
+            files += [path / "eval.jsonl", path / "eval_loss.json", tasks_file(path), splits_file(path)]
         if config.selection:
             selection = Path(config.selection)
             files += [selection / MANIFEST, selection / "report.md", *sorted((selection / "report").glob("*"))]
         files += [Path(c) / MANIFEST for c in config.costs]
+        files += [path / MANIFEST for _, path in (_named(s) for s in config.diagnostics)]
         files += [Path(config.reference_points)] if config.reference_points else []
         return {str(f): file_sha256(f) for f in files if f.is_file()}
 
@@ -109,6 +119,11 @@ class Report(Stage):
 def build_report(config: ReportConfig, force: bool = False, log=print) -> StageResult:
     """Write the report (or reuse it when none of the files it reads changed)."""
     return execute(Report(), config, force, log)
+
+
+def splits_file(run: Path) -> Path:
+    """A run's final held-out losses on more splits (`miniplm run` keeps them in <run>/evaluation/)."""
+    return run / "evaluation" / SPLITS_FILE
 
 
 def tasks_file(run: Path) -> Path:
@@ -142,6 +157,84 @@ def _reference_points(points: dict) -> list[str]:
     return md
 
 
+def _diagnostics(selections: list[tuple[str, Path]]) -> list[str]:
+    """Each selection's n-gram diagnostic: held-out loss of n-gram models fitted on its kept data, and the
+    difference from the same models fitted on the whole pool."""
+    md = ["## Selections through n-gram models (no student needed)", "",
+          "Held-out loss (nats/token) of unigram and bigram models fitted on each selection's kept data, and in "
+          "brackets the difference from models fitted on the whole pool: a selection that only moves the domain "
+          "mix toward an evaluation split already gains here.", ""]
+    found = {name: (read_manifest(path) or {}).get("ngram_diagnostic") for name, path in selections}
+    found = {name: d for name, d in found.items() if d}
+    if not found:
+        return []
+    splits = list(dict.fromkeys(split for d in found.values() for split in d))
+    columns = [(split, level) for split in splits for level in ("unigram", "bigram")]
+    md += ["| selection | " + " | ".join(f"{level} {split}" for split, level in columns) + " |",
+           "|---" * (len(columns) + 1) + "|"]
+    first = next(iter(found.values()))
+    cells = [f"{first[split]['pool'][level]['loss_per_token']:.4f}" if split in first else "-"
+             for split, level in columns]
+    md.append("| (whole pool) | " + " | ".join(cells) + " |")
+    for name, d in found.items():
+        cells = []
+        for split, level in columns:
+            if split not in d:
+                cells.append("-")
+                continue
+            kept, pool = d[split]["kept"][level]["loss_per_token"], d[split]["pool"][level]["loss_per_token"]
+            cells.append(f"{kept:.4f} ({kept - pool:+.4f})")
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*md, ""]
+
+
+def _paired_differences(paired: list[str], baseline: str, finals: dict[str, dict], extra: dict[str, dict]) -> tuple:
+    """Per arm, the run-minus-baseline differences of final held-out losses between runs of the same seed:
+    mean and standard deviation over seeds, on the curve's split and on every split of the final evaluations."""
+    runs = {}
+    for entry in paired:
+        run, arm, seed = entry.split(":")
+        runs[(arm, int(seed))] = run
+    arm_of = {run: arm for (arm, _), run in runs.items()}
+    if baseline not in arm_of:
+        return [], {}
+    base_arm = arm_of[baseline]
+
+    def losses(run: str) -> dict[str, float]:
+        found = {f"{key} (curve)": finals.get(run, {}).get(key) for key in ("loss_per_token", "bits_per_byte")}
+        for split, p in extra.get(run, {}).items():
+            found.update({f"{key} ({split})": p.get(key) for key in ("loss_per_token", "bits_per_byte")})
+        return found
+
+    md = ["## Paired differences across seeds", "",
+          f"Each arm minus {base_arm} trained with the same seed (initial weights, data order, random draws): "
+          "mean +- standard deviation over seeds. Negative: lower loss than the baseline arm.", "",
+          "| arm | seeds | metric | arm mean | difference |", "|---|---|---|---|---|"]
+    results = {}
+    for arm in dict.fromkeys(arm for arm, _ in runs):
+        if arm == base_arm:
+            continue
+        seeds = sorted(seed for a, seed in runs if a == arm and (base_arm, seed) in runs)
+        if not seeds:
+            continue
+        mine = [losses(runs[(arm, seed)]) for seed in seeds]
+        base = [losses(runs[(base_arm, seed)]) for seed in seeds]
+        results[arm] = {"seeds": seeds}
+        for metric in mine[0]:
+            values = [(m.get(metric), b.get(metric)) for m, b in zip(mine, base)]
+            if any(v is None or w is None for v, w in values):
+                continue
+            diffs = np.array([v - w for v, w in values])
+            own = np.array([v for v, _ in values])
+            spread = float(diffs.std(ddof=1)) if len(diffs) > 1 else math.nan
+            results[arm][metric] = {"mean_difference": float(diffs.mean()), "std_difference": spread,
+                                    "differences": diffs.tolist(), "arm_mean": float(own.mean())}
+            md.append(f"| {arm} | {', '.join(map(str, seeds))} | {metric} | {own.mean():.4f} | "
+                      f"{diffs.mean():+.4f} +- {_number(spread)} |")
+    md.append("")
+    return md, results
+
+
 def _render(config: ReportConfig, out: Path, log) -> dict:
     runs = [_named(s) for s in config.runs]
     names = [n for n, _ in runs]
@@ -151,7 +244,7 @@ def _render(config: ReportConfig, out: Path, log) -> dict:
     if baseline not in names:
         raise ConfigError(f"baseline: {baseline!r} is not one of the runs ({', '.join(names)})")
 
-    curves, finals, fits, tasks = {}, {}, {}, {}
+    curves, finals, fits, tasks, extra = {}, {}, {}, {}, {}
     for name, path in runs:
         if not path.is_dir():
             raise FileNotFoundError(f"runs: {path} is not a directory")
@@ -164,6 +257,8 @@ def _render(config: ReportConfig, out: Path, log) -> dict:
             fits[name] = fit_scaling_law(*curves[name])
         if tasks_file(path).is_file():
             tasks[name] = json.loads(tasks_file(path).read_text())
+        if splits_file(path).is_file():
+            extra[name] = json.loads(splits_file(path).read_text())["splits"]
 
     md = [f"# {config.title}", ""]
     results: dict = {"runs": {}, "baseline": baseline}
@@ -212,6 +307,9 @@ def _render(config: ReportConfig, out: Path, log) -> dict:
             results["runs"][name] = row
         md += ["", f"Compute saving: how many times less training compute a run needs than {baseline} to reach "
                f"{baseline}'s final loss ({target:.4f}), both read off the fitted curves.", ""]
+    if config.paired:
+        lines, results["paired_differences"] = _paired_differences(config.paired, baseline, finals, extra)
+        md += lines
     if config.reference_points:
         points = json.loads(Path(config.reference_points).read_text())
         md += _reference_points(points)
@@ -241,6 +339,8 @@ def _render(config: ReportConfig, out: Path, log) -> dict:
                "[full selection report](selection/report.md).", "",
                "![key histogram](selection/report/key_histogram.png)", "",
                "![domains](selection/report/domains.png)", ""]
+    if config.diagnostics:
+        md += _diagnostics([_named(spec) for spec in config.diagnostics])
     if config.costs:
         rows = cost_rows([Path(p) for p in config.costs])
         md += ["## Offline costs (not in the training compute above)", "",

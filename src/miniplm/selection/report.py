@@ -82,6 +82,21 @@ def _row(path: Path, index: int) -> dict:
     raise IndexError(f"{path} has no row {index}")
 
 
+def ngram_diagnostic_table(found: dict, title: str = "## N-gram diagnostic") -> list[str]:
+    """Markdown: held-out loss of n-gram models fitted on the pool and on the kept data, per split."""
+    lines = [title, "",
+             "Unigram and bigram models fitted on the kept instances and on the whole pool, scored on held-out "
+             "splits (nats/token, bits/byte): what the selection does to the data's statistics before any student "
+             "trains. A kept-minus-pool difference near a student's gain means the gain could be domain matching.",
+             "", "| split | model | pool | kept | kept - pool | kept bits/byte |", "|---|---|---|---|---|---|"]
+    for split, fitted in found.items():
+        for level in fitted["pool"]:
+            pool, kept = fitted["pool"][level]["loss_per_token"], fitted["kept"][level]["loss_per_token"]
+            lines.append(f"| {split} | {level} | {pool:.4f} | {kept:.4f} | {kept - pool:+.4f} | "
+                         f"{fitted['kept'][level]['bits_per_byte']:.4f} |")
+    return [*lines, ""]
+
+
 def write_report(selection_dir: str | Path, manifest: dict, log=print) -> Path:
     """The report of the selection in `selection_dir`, whose manifest (or the facts it will hold) is `manifest`."""
     out = Path(selection_dir)
@@ -167,6 +182,9 @@ def write_report(selection_dir: str | Path, manifest: dict, log=print) -> Path:
         lines.append(f"| {d} | {c['instances']:,} | {c['kept']:,} | {c['kept'] / max(c['instances'], 1):.1%} | "
                      f"{c['tokens']:,} | {c['kept_tokens']:,} | {b_:.1%} | {a_:.1%} |")
     lines.append("")
+
+    if manifest.get("ngram_diagnostic"):
+        lines += ngram_diagnostic_table(manifest["ngram_diagnostic"])
 
     corpus = PackedCorpus(manifest["corpus"]["path"])
     split = corpus.split(manifest["corpus"]["split"])

@@ -30,6 +30,7 @@ from miniplm.core.config import ConfigError, Progress, option, require_at_least_
 from miniplm.core.hashing import uniform_hash
 from miniplm.core.manifest import part_path, read_manifest, read_plan
 from miniplm.core.stage import Stage, StageResult, execute
+from miniplm.data import ngram
 from miniplm.data.shards import PackedCorpus
 from miniplm.selection.report import write_report
 from miniplm.selection.topk import Cut, exact_top
@@ -66,6 +67,11 @@ class SelectConfig(Progress):
         None, "select among the first N instances of the split only (what `miniplm score --max-instances N` "
         "scored; for quick runs)")
     report: bool = option(True, "write the selection report (markdown + PNG) into the output", hashed=False)
+    diagnostic_splits: list[str] | None = option(
+        None, "held-out splits for the n-gram diagnostic: unigram and bigram models fitted on the kept data and on "
+        "the whole pool, scored on these splits (null: every non-empty split but the selected one and ref; "
+        "[]: none)")
+    diagnostic_max_instances: int | None = option(1000, "the diagnostic's first N instances of each split")
 
     def validate(self) -> None:
         if not 0 < self.alpha <= 1:
@@ -189,6 +195,9 @@ class Select(Stage):
     config = SelectConfig
 
     def inputs(self, config: SelectConfig, log) -> dict:
+        corpus = PackedCorpus(config.corpus)
+        for name in diagnostic_splits(config, corpus):
+            corpus.split(name)  # an unknown split is refused before any work, listing the ones that exist
         runs = _score_runs(config)
         for name in NEEDS[config.selector]:
             if runs[name] is None:
@@ -199,7 +208,7 @@ class Select(Stage):
             if source is None or source.get("stage") != "select":
                 raise FileNotFoundError(f"domain_quota: {config.domain_quota[5:]} is not a `miniplm select` output")
             quota = source["key"]
-        return {"corpus": PackedCorpus(config.corpus).key, "domain_quota": quota,
+        return {"corpus": corpus.key, "domain_quota": quota,
                 "scores": {name: (read_manifest(runs[name]) or {}).get("key") for name in NEEDS[config.selector]}}
 
     def run(self, config: SelectConfig, out: Path, inputs: dict, log) -> dict:
@@ -281,6 +290,13 @@ class Select(Stage):
         for path in work.iterdir():
             path.unlink()
         work.rmdir()
+        splits = diagnostic_splits(config, corpus)
+        if splits:
+            selected = pq.read_table(out / "instances.parquet", columns=["instance_id", "selected"])
+            ids = selected.column("instance_id").to_numpy()
+            facts["ngram_diagnostic"] = ngram.diagnostic(
+                corpus, config.split, {"pool": ids, "kept": ids[selected.column("selected").to_numpy()]}, splits,
+                config.diagnostic_max_instances)
         if config.report:
             write_report(out, {**facts, "config": to_dict(config)}, log)
         return facts
@@ -289,6 +305,13 @@ class Select(Stage):
         c = manifest["config"]
         return (f"selected {manifest['kept']:,} of {manifest['instances']:,} instances ({manifest['kept_tokens']:,} "
                 f"tokens) of {c['corpus']}/{c['split']} with {c['selector']} into {manifest['output']}")
+
+
+def diagnostic_splits(config: SelectConfig, corpus: PackedCorpus) -> list[str]:
+    if config.diagnostic_splits is not None:
+        return config.diagnostic_splits
+    return [name for name, facts in corpus.manifest["splits"].items()
+            if name not in (config.split, "ref") and facts.get("instances")]
 
 
 def _score_runs(config: SelectConfig) -> dict[str, str | None]:
