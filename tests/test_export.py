@@ -1,4 +1,5 @@
 import json
+import math
 import struct
 
 import numpy as np
@@ -174,3 +175,47 @@ def test_lossy_student_tokenizer_is_reported(selection, tmp_path):
 def test_refuses_a_missing_or_stale_selection(selection, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a `miniplm select` output"):
         run(tmp_path / "nothing", tmp_path, "tokens")
+
+
+def test_a_trained_small_vocabulary_tokenizer_round_trips_through_export_train_and_eval(selection, prepared_corpus,
+                                                                                         tmp_path):
+    from transformers import AutoTokenizer
+
+    from miniplm.data.bpe import TokenizerTrainConfig, train_tokenizer
+    from miniplm.evaluation.loss import EvalLossConfig, evaluate_loss
+    from miniplm.training.train import TrainConfig, train
+
+    config = load_config(TokenizerTrainConfig, None, {"corpus": str(prepared_corpus), "split": "train",
+                                                      "vocab_size": 290, "output": str(tmp_path / "tok"),
+                                                      "progress": False})
+    manifest = train_tokenizer(config, log=lambda m: None).manifest
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert len(tokenizer) == manifest["vocab_size"] == 290 and tokenizer.eos_token == "<|endoftext|>"
+    assert not train_tokenizer(config, log=lambda m: None).ran  # a rerun is skipped
+    corpus, split = source(prepared_corpus)
+    text = corpus.load_tokenizer().decode(split[0][split[0] != corpus.eos_id].tolist())
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+    exported, out = run(selection, tmp_path, "tokens", tokenizer=str(tmp_path / "tok"))
+    assert exported["tokenizer"]["retokenized"] and exported["round_trip"]["lossy"] == 0
+    data = PackedCorpus(out)
+    assert max(int(data.split("train")[i].max()) for i in range(len(data.split("train")))) < 290
+    student = train(load_config(TrainConfig, None, {
+        "corpus": str(out), "output": str(tmp_path / "student"), "model": "llama-tiny", "batch_size": 4,
+        "max_steps": 4, "warmup_steps": 1, "precision": "fp32", "progress": False}), log=lambda m: None).manifest
+    assert student["model"]["parameters"] < 1e6
+    result = evaluate_loss(load_config(EvalLossConfig, None, {
+        "model": str(tmp_path / "student" / "final"), "corpus": str(prepared_corpus), "split": "heldout",
+        "precision": "fp32", "progress": False}), log=lambda m: None)["points"][0]
+    assert result["loss_per_token"] < math.log(290)  # below the uniform level: it learned from its data
+    assert result["bits_per_byte"] == pytest.approx(
+        result["loss_per_token"] * result["tokens"] / result["bytes"] / math.log(2), rel=1e-12)
+
+
+@pytest.mark.parametrize("size, message", [(200, "between 257"), (2**32 + 1, "and 2\\^32")])
+def test_tokenizer_vocabulary_sizes_out_of_range_are_refused(size, message):
+    from miniplm.core.config import ConfigError
+    from miniplm.data.bpe import TokenizerTrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(TokenizerTrainConfig, None, {"vocab_size": size})

@@ -34,7 +34,9 @@ def run_yaml(tmp_path, tokenizer_dir) -> dict:
         "train": {"batch_size": 4, "warmup_steps": 2, "precision": "fp32", "progress": False, "save_every": 100},
         "students": [{"name": "no-kd", "model": "qwen2-tiny", "data": "all"},
                      {"name": "miniplm", "model": "llama-tiny", "data": "miniplm"},
-                     {"name": "kd", "model": "qwen2-tiny", "data": "all", "kd": "vanilla"}],
+                     {"name": "kd", "model": "qwen2-tiny", "data": "all", "kd": "vanilla"},
+                     {"name": "small-vocab", "model": "llama-tiny", "data": "all", "tokenizer": "bpe280"}],
+        "tokenizers": {"bpe280": {"vocab_size": 280, "progress": False}},
         "eval": {"split": "heldout_hq", "max_instances": 8, "points": 3, "tasks": ["lambada_openai"], "task_limit": 4,
                  "final_splits": ["heldout"]},
     }
@@ -49,7 +51,7 @@ def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, 
     out = tmp_path / "run"
     assert "[ 1/" in first and "report:" in first and "compute saving" in first
     report = json.loads((out / "report" / "results.json").read_text())
-    assert set(report["runs"]) == {"no-kd", "miniplm", "kd"}
+    assert set(report["runs"]) == {"no-kd", "miniplm", "kd", "small-vocab"}
     # equal tokens for the uniform and the selected data (the selection is the smaller corpus) ...
     manifests = {s: json.loads((out / "students" / s / "manifest.json").read_text()) for s in report["runs"]}
     assert manifests["no-kd"]["tokens"] == pytest.approx(manifests["miniplm"]["tokens"], rel=0.1)
@@ -67,7 +69,8 @@ def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, 
     points = json.loads((out / "reference_points" / "reference_points.json").read_text())
     for split in ("heldout_hq", "heldout"):  # every level on every split, in nats/token and bits/byte
         levels = points["levels"][split]
-        assert set(levels) == {"unigram", "bigram", "teacher", "reference"}
+        trained = " [bpe280]"  # the student tokenizer the run trained
+        assert set(levels) == {"unigram", "bigram", "teacher", "reference", "unigram" + trained, "bigram" + trained}
         assert all(p["loss_per_token"] > 0 and p["bits_per_byte"] > 0 and len(p["loss_per_token_ci95"]) == 2
                    for p in levels.values())
     assert points["fit_instances"] == 80  # the n-gram levels are fitted on the scored pool ...

@@ -33,6 +33,7 @@ from miniplm.core.config import (
     type_name,
 )
 from miniplm.core.stage import Stage, execute
+from miniplm.data.bpe import TokenizerTrainConfig, TrainTokenizer
 from miniplm.data.prepare import Prepare, PrepareConfig
 from miniplm.evaluation.loss import EvalLossConfig, evaluate_loss
 from miniplm.evaluation.report import Report, ReportConfig
@@ -144,7 +145,8 @@ def _print_results(results: dict) -> None:
     levels = points["levels"][points["split"]]
     console.print(f"reference points on the same held-out instances ({points['split']}): " + ", ".join(
         f"{who} {p['loss_per_token']:.4f}" for who, p in levels.items()) + " nats/token; " + ", ".join(
-        f"{who} {p['bits_per_byte']:.4f}" for who, p in levels.items()) + " bits/byte", highlight=False)
+        f"{who} {p['bits_per_byte']:.4f}" for who, p in levels.items()) + " bits/byte", highlight=False,
+        markup=False)
     console.print(f"report: {results['report']} (and report.html beside it)", highlight=False)
 
 
@@ -252,6 +254,19 @@ COMMANDS = [
         "examples:\n"
         "  miniplm train --split ref --model qwen2-small --output out/ref     # the reference model\n"
         "  miniplm train --corpus out/export/miniplm --model qwen2-mini --output out/students/miniplm",
+    ),
+    Command(
+        "tokenizer train",
+        TokenizerTrainConfig,
+        TrainTokenizer(),
+        "a byte-level BPE tokenizer of a chosen size from a split of a packed corpus (small-vocabulary students)",
+        "Learns a byte-level BPE (HF `tokenizers`) of --vocab-size entries from the documents of a split of a "
+        "prepared corpus (D_ref by default) and saves an HF tokenizer directory. Give it to `export "
+        "--tokenizer` (or a `miniplm run` student's `tokenizer:`) so that a CPU-sized student spends its "
+        "parameters on layers rather than on the teacher's 49k-row embedding.\n\n"
+        "examples:\n"
+        "  miniplm tokenizer train --corpus out/corpus --vocab-size 8192 --output out/tok8k\n"
+        "  miniplm export --selection out/sel/miniplm --format tokens --tokenizer out/tok8k --output out/data8k",
     ),
     Command(
         "generate",

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from miniplm.core.config import ConfigError, from_dict, option, to_dict
 from miniplm.core.manifest import manifest_key, output_lock, read_manifest, write_json_atomic
 from miniplm.core.stage import Stage, execute
+from miniplm.data.bpe import TokenizerTrainConfig, TrainTokenizer
 from miniplm.data.prepare import Prepare, PrepareConfig
 from miniplm.data.shards import PackedCorpus
 from miniplm.evaluation.final import (
@@ -51,7 +52,8 @@ class StudentConfig:
                        "(e.g. miniplm); or 'seqkd' (the teacher-generated corpus)")
     kd: Literal["none", "vanilla"] = option("none", "vanilla: online token-level KD from the teacher "
                                             "(FLOP-matched unless this student's train.match_flops is false)")
-    tokenizer: str | None = option(None, "a student tokenizer of another family: its data is re-tokenized")
+    tokenizer: str | None = option(None, "a student tokenizer of another family (a path, `gpt-neox`, or the name of "
+                                   "one of the run's `tokenizers`): its data is re-tokenized")
     train: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "`miniplm train` keys for this student, over the run's shared `train` (checked at load)"})
 
@@ -74,6 +76,7 @@ FIXED = {
     "prepare": ("output",),
     "reference": ("corpus", "split", "output"),
     "score": ("model", "corpus", "split", "output"),
+    "tokenizers": ("corpus", "output"),
     "selections": ("corpus", "split", "teacher", "reference", "output", "diagnostic_splits",
                    "diagnostic_max_instances"),
     "generate": ("model", "corpus", "split", "output"),
@@ -93,6 +96,9 @@ class RunConfig:
         "help": "`miniplm score` settings for both scorings (e.g. max_instances: the size of the pool)"})
     selections: dict[str, SelectConfig] = field(default_factory=lambda: {"miniplm": SelectConfig()}, metadata={
         "help": "named `miniplm select` runs (domain_quota: from:<name> refers to another selection)"})
+    tokenizers: dict[str, TokenizerTrainConfig] = field(default_factory=dict, metadata={
+        "help": "named `miniplm tokenizer train` runs (small-vocabulary student tokenizers), learnt from the "
+                "prepared corpus; a student's `tokenizer:` may name one"})
     generate: GenerateConfig | None = option(None, "`miniplm generate` settings of the SeqKD corpus (needed "
                                              "when a student has data: seqkd)")
     train: TrainConfig = field(default_factory=TrainConfig, metadata={
@@ -129,7 +135,8 @@ class RunConfig:
             self.student_train(s)  # every key and value checked now, not when the student's turn comes
         sections = [("prepare", self.prepare), ("reference", self.reference), ("score", self.score),
                     ("train", self.train), ("generate", self.generate),
-                    *((f"selections.{name}", c) for name, c in self.selections.items())]
+                    *((f"selections.{name}", c) for name, c in self.selections.items()),
+                    *((f"tokenizers.{name}", c) for name, c in self.tokenizers.items())]
         for where, config in sections:
             if config is not None:
                 _refuse_fixed(where, config, FIXED[where.split(".")[0]])
@@ -182,6 +189,12 @@ class Pipeline:
     def student(self, name: str) -> Path:
         return self.out / "students" / name
 
+    def tokenizer(self, student: StudentConfig) -> str | None:
+        """A student's tokenizer spec: one of the run's trained tokenizers, or as given."""
+        if student.tokenizer in self.config.tokenizers:
+            return str(self.out / "tokenizers" / student.tokenizer)
+        return student.tokenizer
+
     def draw(self, student: StudentConfig) -> str:
         """The selection a student's data comes from: a random selection is drawn anew for each student seed
         (`<name>@seed<N>`), so that seeds vary the draw as well as the weights and the order."""
@@ -193,7 +206,7 @@ class Pipeline:
     def data(self, student: StudentConfig) -> Path:
         if student.data == "seqkd":
             return self.seqkd
-        suffix = "" if student.tokenizer is None else "-" + manifest_key(student.tokenizer)[:8]
+        suffix = "" if student.tokenizer is None else "-" + manifest_key(self.tokenizer(student))[:8]
         name = "all" if student.data == "all" else self.draw(student)
         return self.out / "data" / f"{name}{suffix}"
 
@@ -211,6 +224,8 @@ class Pipeline:
     def steps(self) -> list[Step]:
         c = self.config
         steps = [Step("prepare", Prepare(), lambda: dataclasses.replace(c.prepare, output=str(self.corpus))),
+                 *(Step(f"tokenizer train {name}", TrainTokenizer(), functools.partial(self.tokenizer_config, name))
+                   for name in c.tokenizers),
                  Step("train reference (D_ref)", Train(), lambda: dataclasses.replace(
                      c.reference, corpus=str(self.corpus), split="ref", output=str(self.reference))),
                  Step("score teacher", Score(), lambda: self.score_config("teacher", c.teacher)),
@@ -237,6 +252,10 @@ class Pipeline:
         steps += [Step("reference points", ReferencePoints(), self.reference_points_config),
                   Step("report", Report(), self.report_config)]
         return steps
+
+    def tokenizer_config(self, name: str) -> TokenizerTrainConfig:
+        return dataclasses.replace(self.config.tokenizers[name], corpus=str(self.corpus),
+                                   output=str(self.out / "tokenizers" / name))
 
     def score_config(self, who: str, model: str) -> ScoreConfig:
         return dataclasses.replace(self.config.score, model=model, corpus=str(self.corpus), split="train",
@@ -266,7 +285,7 @@ class Pipeline:
         source = next(iter(self.config.selections)) if student.data == "all" else self.draw(student)
         return ExportConfig(selection=str(self.selection(source)),
                             subset="all" if student.data == "all" else "selected", format="tokens",
-                            tokenizer=student.tokenizer, output=str(self.data(student)))
+                            tokenizer=self.tokenizer(student), output=str(self.data(student)))
 
     @functools.cached_property
     def smallest_student_corpus(self) -> int:
@@ -305,7 +324,8 @@ class Pipeline:
         e, c = self.config.eval, self.config
         return ReferencePointsConfig(corpus=str(self.corpus), splits=self.eval_splits(),
                                      max_instances=e.max_instances, fit_max_instances=c.score.max_instances,
-                                     tokenizers=list(dict.fromkeys(s.tokenizer for s in c.students if s.tokenizer)),
+                                     tokenizers=list(dict.fromkeys(f"{s.tokenizer}={self.tokenizer(s)}"
+                                                                   for s in c.students if s.tokenizer)),
                                      teacher=c.teacher if e.teacher_loss else None,
                                      reference=str(self.reference / "final"), output=str(self.points))
 

@@ -82,7 +82,8 @@ class ReferencePointsConfig(Progress):
     orders: list[int] = field(default_factory=lambda: [1, 2], metadata={
         "help": "n-gram orders: 1 (add-one unigram), 2 (interpolated Kneser-Ney bigram)"})
     tokenizers: list[str] = field(default_factory=list, metadata={
-        "help": "student tokenizers of other families: their n-gram levels too (the instances re-tokenized)"})
+        "help": "student tokenizers of other families, as NAME=SPEC or SPEC: their n-gram levels too, named "
+                "'unigram [NAME]' (the instances re-tokenized)"})
     teacher: str | None = option(None, "the teacher, whose held-out loss is also recorded (null: none)")
     reference: str | None = option(None, "the reference model, whose held-out loss is also recorded (null: none)")
     output: str = option("out/reference_points", "output directory", hashed=False)
@@ -94,6 +95,11 @@ class ReferencePointsConfig(Progress):
             check_orders(self.orders, "orders")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def _named(entry: str) -> tuple[str, str]:
+    name, sep, spec = entry.partition("=")
+    return (name, spec) if sep else (entry, entry)
 
 
 class ReferencePoints(Stage):
@@ -108,7 +114,7 @@ class ReferencePoints(Stage):
         return {"corpus": corpus.key,
                 "teacher": source_fingerprint(config.teacher) if config.teacher else None,
                 "reference": source_fingerprint(config.reference) if config.reference else None,
-                "tokenizers": [source_fingerprint(t) for t in config.tokenizers]}
+                "tokenizers": {name: source_fingerprint(spec) for name, spec in map(_named, config.tokenizers)}}
 
     def run(self, config: ReferencePointsConfig, out: Path, inputs: dict, log) -> dict:
         corpus = PackedCorpus(config.corpus)
@@ -118,10 +124,10 @@ class ReferencePoints(Stage):
         fit_on = [fit_split[i] for i in range(n_fit)]
         vocabularies = [("", source, fit_on, corpus.eos_id)]
         max_len = corpus.manifest["max_len"]
-        for spec in config.tokenizers:
+        for name, spec in map(_named, config.tokenizers):
             tokenizer = load_tokenizer(spec)
             retokenize = Retokenizer(source, corpus.eos_id, tokenizer, max_len, "auto")
-            vocabularies.append((f" [{spec}]", tokenizer, [retokenize(x) for x in fit_on],
+            vocabularies.append((f" [{name}]", tokenizer, [retokenize(x) for x in fit_on],
                                  int(tokenizer.eos_token_id)))
         models = {who: (load_causal_lm(path), load_tokenizer(path))
                   for who, path in (("teacher", config.teacher), ("reference", config.reference)) if path}
