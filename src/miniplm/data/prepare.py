@@ -62,7 +62,8 @@ DOCUMENT_SCHEMA = pa.schema(
 
 @dataclass
 class SplitSpec:
-    fraction: float = option(0.0, "share of documents (so, in expectation, of tokens) assigned to this split")
+    fraction: float = option(0.0, "share of documents (so, in expectation, of tokens) assigned to this split; "
+                             "1 with `domains`: every document of those domains (a domain no model trains on)")
     domains: list[str] | None = option(None, "only documents of these domains are eligible (null: all)")
 
 
@@ -71,6 +72,7 @@ def _default_splits() -> dict[str, SplitSpec]:
         "ref": SplitSpec(0.05),
         "heldout": SplitSpec(0.01),
         "heldout_hq": SplitSpec(0.05, ["wikipedia"]),
+        "heldout_unseen": SplitSpec(1.0, ["dictionary"]),
     }
 
 
@@ -96,7 +98,8 @@ class PrepareConfig(Progress):
         default_factory=_default_splits,
         help="named splits carved out of the corpus by document; the rest is 'train' (D). ref is D_ref "
         "(5% as the paper's 5B of 105B), heldout a held-out sample of the mix, heldout_hq a held-out "
-        "high-quality set (empty when no document has one of its domains)",
+        "high-quality set, heldout_unseen the default corpus's unseen domain, held out whole (a split is "
+        "empty when no document has one of its domains)",
     )
     seed: int = option(10, "seed for split assignment and shuffling (the paper's seed)")
     shuffle: bool = option(False, "shuffle instances within each shard (students read in stored order)")
@@ -113,9 +116,12 @@ class PrepareConfig(Progress):
         for name, spec in self.splits.items():
             if name == TRAIN_SPLIT:
                 raise ConfigError(f"splits.{TRAIN_SPLIT}: '{TRAIN_SPLIT}' is the remainder; it takes no fraction")
-            if not 0 <= spec.fraction < 1:
-                raise ConfigError(f"splits.{name}.fraction: must be in [0, 1), got {spec.fraction}")
-        if sum(s.fraction for s in self.splits.values()) >= 1:
+            if not 0 <= spec.fraction <= 1:
+                raise ConfigError(f"splits.{name}.fraction: must be in [0, 1], got {spec.fraction}")
+            if spec.fraction == 1 and not spec.domains:
+                raise ConfigError(f"splits.{name}.fraction: 1 takes whole domains; name them in "
+                                  f"splits.{name}.domains, or give a fraction below 1")
+        if sum(s.fraction for s in self.splits.values() if s.fraction < 1) >= 1:
             raise ConfigError("splits: the fractions add up to 1 or more, leaving nothing for train")
         require_at_least_one(self, "max_chunks_per_document", "max_documents_per_domain", "shard_tokens",
                              "batch_documents")
@@ -128,7 +134,11 @@ def split_point(seed: int, doc_id: str) -> float:
 
 
 def assign_split(u: float, domain: str, splits: dict[str, SplitSpec]) -> str:
-    """Splits take consecutive intervals of [0, 1) among those the domain is eligible for."""
+    """A split that takes the whole domain, else consecutive intervals of [0, 1) among the splits the domain
+    is eligible for."""
+    for name, spec in splits.items():
+        if spec.fraction == 1 and domain in spec.domains:
+            return name
     low = 0.0
     for name, spec in splits.items():
         if spec.domains is not None and domain not in spec.domains:
