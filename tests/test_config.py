@@ -69,7 +69,8 @@ def test_int_widens_to_float_and_hash_ignores_excluded_fields():
     "override, message",
     [
         ({"max_len": 4}, "max_len: must be at least 8"),
-        ({"splits.ref.fraction": 1.5}, r"splits.ref.fraction: must be in \[0, 1\)"),
+        ({"splits.ref.fraction": 1.5}, r"splits.ref.fraction: must be in \[0, 1\]"),
+        ({"splits.ref.fraction": 1}, "1 takes whole domains; name them in splits.ref.domains"),
         ({"splits.ref.fraction": 0.6, "splits.heldout.fraction": 0.5}, "add up to 1 or more"),
         ({"splits": {"train": {"fraction": 0.1}}}, "'train' is the remainder"),
         ({"shard_tokens": 0}, "shard_tokens: must be at least 1"),
