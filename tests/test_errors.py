@@ -196,6 +196,26 @@ def config_run_student_data(e: Env) -> str:
     return e.cli("run", "students=[{name: a, data: nope}]")
 
 
+def config_whole_domain_split(e: Env) -> str:
+    return e.cli("prepare", "splits.ref.fraction=1")
+
+
+def config_tokenizer_vocab_size(e: Env) -> str:
+    return e.cli("tokenizer", "train", "--vocab-size", "100")
+
+
+def config_ngram_order(e: Env) -> str:
+    return e.cli("run", "eval.ngram_orders=[3]")
+
+
+def config_patience_without_validation(e: Env) -> str:
+    return e.cli("train", "--patience", "3")
+
+
+def config_report_paired(e: Env) -> str:
+    return e.cli("report", "--runs", e.tmp, "--paired", "a:b")
+
+
 # -- models -----------------------------------------------------------------------------------------------
 def model_missing(e: Env) -> str:
     return e.cli("score", "--model", e.tmp / "no-model", "--corpus", e.corpus, "--output", e.tmp / "s")
@@ -258,6 +278,14 @@ def state_not_a_corpus(e: Env) -> str:
 
 def state_missing_split(e: Env) -> str:
     return e.cli("eval", "loss", "--model", e.model, "--corpus", e.corpus, "--split", "dev")
+
+
+def state_missing_eval_split(e: Env) -> str:
+    selection = e.selection()
+    manifest = json.loads((selection / "manifest.json").read_text())
+    return e.cli("select", "--corpus", e.corpus, "--teacher", manifest["scores"]["teacher"]["path"],
+                 "--reference", manifest["scores"]["reference"]["path"], "--output", e.tmp / "sel2",
+                 "--diagnostic-splits", "nope")
 
 
 def state_no_scores(e: Env) -> str:

@@ -147,6 +147,11 @@ def _print_results(results: dict) -> None:
         f"{who} {p['loss_per_token']:.4f}" for who, p in levels.items()) + " nats/token; " + ", ".join(
         f"{who} {p['bits_per_byte']:.4f}" for who, p in levels.items()) + " bits/byte", highlight=False,
         markup=False)
+    best = (results["reference"].get("validation") or {}).get("best")
+    if best:
+        console.print(f"reference: best validation loss {best['loss_per_token']:.4f} nats/token at step "
+                      f"{best['step']} of {results['reference']['steps']} (its D_ref validation slice)",
+                      highlight=False)
     console.print(f"report: {results['report']} (and report.html beside it)", highlight=False)
 
 
@@ -170,10 +175,12 @@ miniplm demo: MiniPLM (arXiv 2410.17215) end to end, small enough for a laptop C
   1. pack the default corpus (7 public-domain/CC sources from the package registries) into instances
      in the teacher's tokenizer, holding out D_ref and held-out splits;
   2. train a small reference LM on D_ref;
-  3. score a pool of training instances with the teacher (SmolLM2-135M-Instruct) and the reference;
+  3. score a pool of training instances with the teacher (SmolLM2-135M-Instruct as shipped: 4-bit Q4_1
+     GGUF weights, dequantized to fp32) and the reference;
   4. Difference Sampling: keep the half with the highest  mean log p_teacher - mean log p_ref;
   5. train two tiny students on the same number of tokens: one on uniform data (no KD), one on the
-     MiniPLM selection; evaluate held-out loss and zero-shot tasks, and write a report.
+     MiniPLM selection; evaluate held-out loss (nats/token and bits/byte, on the high-quality split, the
+     whole mix and a domain no model trains on) and zero-shot tasks, and write a report.
 Stages are cached under {output}: a rerun (or a run after an interruption) continues where it stopped.
 The numbers are whatever this run measures; at this size expect differences within noise.
 """

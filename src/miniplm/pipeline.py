@@ -26,6 +26,7 @@ from miniplm.core.config import ConfigError, from_dict, option, to_dict
 from miniplm.core.manifest import manifest_key, output_lock, read_manifest, write_json_atomic
 from miniplm.core.stage import Stage, execute
 from miniplm.data.bpe import TokenizerTrainConfig, TrainTokenizer
+from miniplm.data.ngram import check_orders
 from miniplm.data.prepare import Prepare, PrepareConfig
 from miniplm.data.shards import PackedCorpus
 from miniplm.evaluation.final import (
@@ -68,7 +69,10 @@ class EvalSettings:
     task_limit: int | None = option(200, "examples per task (null: all)")
     teacher_loss: bool = option(True, "also the teacher's held-out loss, as a reference point")
     final_splits: list[str] = field(default_factory=list, metadata={
-        "help": "more held-out splits to evaluate each final model on (e.g. heldout: the whole corpus mix)"})
+        "help": "more held-out splits to evaluate each final model on (e.g. heldout: the whole corpus mix; "
+                "heldout_unseen: the default corpus's unseen domain)"})
+    ngram_orders: list[int] = field(default_factory=lambda: [1, 2], metadata={
+        "help": "n-gram reference levels: 1 (add-one unigram), 2 (interpolated Kneser-Ney bigram)"})
 
 
 # the keys `miniplm run` sets itself in each stage's config (the paths between stages)
@@ -144,6 +148,10 @@ class RunConfig:
             raise ConfigError(f"eval.points: must be at least 1, got {self.eval.points}")
         if self.eval.tasks:
             from_dict(EvalTasksConfig, {"tasks": self.eval.tasks}, "eval")
+        try:
+            check_orders(self.eval.ngram_orders, "eval.ngram_orders")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def student_train(self, student: StudentConfig) -> TrainConfig:
         """A student's `miniplm train` config: the shared `train`, its own keys over it, its model and KD."""
@@ -322,7 +330,7 @@ class Pipeline:
 
     def reference_points_config(self) -> ReferencePointsConfig:
         e, c = self.config.eval, self.config
-        return ReferencePointsConfig(corpus=str(self.corpus), splits=self.eval_splits(),
+        return ReferencePointsConfig(corpus=str(self.corpus), splits=self.eval_splits(), orders=e.ngram_orders,
                                      max_instances=e.max_instances, fit_max_instances=c.score.max_instances,
                                      tokenizers=list(dict.fromkeys(f"{s.tokenizer}={self.tokenizer(s)}"
                                                                    for s in c.students if s.tokenizer)),
@@ -340,7 +348,7 @@ class Pipeline:
         return ReportConfig(runs=[f"{s.name}={self.student(s.name)}" for s in self.config.students], paired=paired,
                             diagnostics=[f"{name}={self.selection(name)}" for name in self.config.selections],
                             selection=str(self.selection(selection)), costs=[str(c) for c in costs],
-                            title=self.config.title, output=str(self.report),
+                            title=self.config.title, output=str(self.report), teacher=self.config.teacher,
                             reference_points=str(self.points / POINTS_FILE))
 
     # -- running ---------------------------------------------------------------------------------------
@@ -378,7 +386,10 @@ class Pipeline:
                          "heldout_bits_per_byte": run.get("final_bits_per_byte"),
                          "tasks_average": run.get("tasks", {}).get("average"),
                          "compute_saving": run.get("compute_saving")})
+        reference = read_manifest(self.reference)
         return {"students": rows, "reference_points": points, "report": str(self.report / "report.md"),
+                "reference": {"tokens": reference["tokens"], "steps": reference["steps"],
+                              "validation": reference.get("validation")},
                 "baseline": report["baseline"]}
 
 

@@ -7,7 +7,10 @@ and `trust_remote_code` stays off unless the caller asks for it.
 from __future__ import annotations
 
 import contextlib
+import re
+from pathlib import Path
 
+import gguf
 import torch
 import transformers.modeling_gguf_pytorch_utils as gguf_utils
 from transformers import AutoModelForCausalLM
@@ -63,6 +66,21 @@ def load_causal_lm(spec: str, trust_remote_code: bool = False, device: str | tor
     except OSError as exc:
         raise OSError(f"could not load model '{spec}': {exc}") from None
     return model.to(device).eval()
+
+
+def weights_description(spec: str) -> str:
+    """How a model's weights are stored: a GGUF file's quantization (the default teacher is 4-bit), else
+    'full precision' (safetensors, loaded as fp32)."""
+    source, gguf_file = resolve_source(spec)
+    if gguf_file is None:
+        return "full-precision weights"
+    field = gguf.GGUFReader(str(Path(source) / gguf_file)).fields.get("general.file_type")
+    if field is None:
+        return "GGUF weights (quantization not recorded), dequantized to fp32 when loaded"
+    kind = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+    bits = re.match(r"[A-Z]+(\d+)", kind)
+    width = f"{bits.group(1)}-bit " if bits else ""
+    return f"{width}{kind} GGUF weights, dequantized to fp32 when loaded"
 
 
 def context_length(model) -> int | None:

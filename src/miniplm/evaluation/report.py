@@ -24,6 +24,7 @@ from miniplm.core.flops import forward_flops, training_flops
 from miniplm.core.hashing import file_sha256
 from miniplm.core.manifest import MANIFEST, read_manifest, write_json_atomic
 from miniplm.core.metrics import half_width
+from miniplm.core.models import weights_description
 from miniplm.core.stage import Stage, StageResult, execute
 from miniplm.evaluation.final import SPLITS_FILE, TASKS_FILE
 from miniplm.evaluation.scaling import compute_saving, curve_rows, fit_scaling_law, read_curve
@@ -45,6 +46,7 @@ class ReportConfig:
     reference_points: str | None = option(None, "a JSON of reference held-out losses (unigram, teacher) as "
                                           "`miniplm run` writes it")
     extrapolate_to: float | None = option(None, "also give each fitted loss at this many FLOPs")
+    teacher: str | None = option(None, "the teacher, named (with how its weights are stored) under the title")
     title: str = option("MiniPLM report", "page title")
     output: str = option("out/report", "output directory (report.md, report.html, PNGs, results.json)",
                          hashed=False)
@@ -75,7 +77,9 @@ def cost_rows(stage_dirs: list[Path]) -> list[dict]:
         stage = m.get("generated_by") or m.get("stage")  # older generate manifests said "prepare"
         if stage == "score":
             n, d = m["model"]["parameters"], m["tokens_scored"]
-            rows.append({"stage": f"score ({m['config']['model']})", "parameters": n, "tokens": d,
+            weights = m["model"].get("weights")
+            rows.append({"stage": f"score ({m['config']['model']}" + (f", {weights}" if weights and "GGUF" in weights
+                                                                      else "") + ")", "parameters": n, "tokens": d,
                          "flops": forward_flops(n, d)})
         elif stage == "train":
             n, d = m["model"]["parameters"], m["tokens"]
@@ -261,6 +265,8 @@ def _render(config: ReportConfig, out: Path, log) -> dict:
             extra[name] = json.loads(splits_file(path).read_text())["splits"]
 
     md = [f"# {config.title}", ""]
+    if config.teacher:
+        md += [f"Teacher: `{config.teacher}` ({weights_description(config.teacher)}).", ""]
     results: dict = {"runs": {}, "baseline": baseline}
     if curves:
         fig = Figure(figsize=(7, 4.5))

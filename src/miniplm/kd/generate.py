@@ -22,7 +22,7 @@ import torch
 from miniplm.core.config import Compute, ConfigError, Precision, option, require_at_least_one
 from miniplm.core.hashing import uniform_hash
 from miniplm.core.manifest import open_parts, part_path, update_plan
-from miniplm.core.models import load_causal_lm, resolve_device, resolve_precision
+from miniplm.core.models import load_causal_lm, resolve_device, resolve_precision, weights_description
 from miniplm.core.progress import progress
 from miniplm.core.stage import Stage, StageResult, execute
 from miniplm.core.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, source_fingerprint
@@ -144,7 +144,8 @@ class Generate(Stage):
             max_len=max_len, tokenizer={**corpus.manifest["tokenizer"], "path": "tokenizer"},
             source={"corpus": str(corpus.path), "key": corpus.key, "split": config.split, "model": config.model},
             splits={"train": summary}, generated_tokens=generated,
-            model={"spec": config.model, "parameters": sum(p.numel() for p in model.parameters())},
+            model={"spec": config.model, "weights": weights_description(config.model),
+                   "parameters": sum(p.numel() for p in model.parameters())},
         )
 
     def summary(self, manifest: dict) -> str:

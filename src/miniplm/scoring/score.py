@@ -29,7 +29,13 @@ import torch
 from miniplm.core import distributed
 from miniplm.core.config import Compute, ConfigError, option, require_at_least_one
 from miniplm.core.manifest import open_parts, part_path, read_manifest, update_plan
-from miniplm.core.models import context_length, load_causal_lm, resolve_device, resolve_precision
+from miniplm.core.models import (
+    context_length,
+    load_causal_lm,
+    resolve_device,
+    resolve_precision,
+    weights_description,
+)
 from miniplm.core.progress import progress
 from miniplm.core.stage import Stage, StageResult, execute
 from miniplm.core.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, source_fingerprint
@@ -201,7 +207,7 @@ class Score(Stage):
             raise RuntimeError(f"{len(missing)} parts of {output} are missing after the run: {missing[:10]}")
         rows = read_scores_parts(job)
         return dict(
-            model={"spec": config.model, "fingerprint": inputs["model"],
+            model={"spec": config.model, "fingerprint": inputs["model"], "weights": weights_description(config.model),
                    "class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
                    "context": context, "chunked_head": scorer.chunked_head},
             precision={"setting": config.precision, "autocast": str(scorer.autocast_dtype),

@@ -32,7 +32,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from miniplm.core import distributed
 from miniplm.core.config import Compute, ConfigError, option, require_at_least_one
 from miniplm.core.flops import training_flops
-from miniplm.core.models import load_causal_lm, quiet_transformers, resolve_device, resolve_precision
+from miniplm.core.models import (
+    load_causal_lm,
+    quiet_transformers,
+    resolve_device,
+    resolve_precision,
+    weights_description,
+)
 from miniplm.core.progress import progress
 from miniplm.core.stage import Stage, StageResult, execute
 from miniplm.core.tokenizer import load_tokenizer, source_fingerprint
@@ -306,7 +312,8 @@ class Train(Stage):
             log(f"train: the run read its {trained_tokens:,} training tokens {epochs:.2f} times (repeated data)")
         return dict(status="done", corpus={"path": str(corpus.path), "key": corpus.key, "split": config.split},
                     model={"class": type(model).__name__, "parameters": n_params, "final": "final"},
-                    teacher={"spec": config.teacher, "parameters": n_teacher} if teacher is not None else None,
+                    teacher={"spec": config.teacher, "weights": weights_description(config.teacher),
+                             "parameters": n_teacher} if teacher is not None else None,
                     steps=step, planned_steps=total_steps, warmup_steps=warmup, tokens=tokens_seen,
                     epochs=round(epochs, 4), final_loss=curve[-1]["loss"] if curve else None,
                     validation={"instances": len(validating), "best": best, "stopped_early": step < total_steps}
