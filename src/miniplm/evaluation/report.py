@@ -248,7 +248,7 @@ def _render(config: ReportConfig, out: Path, log) -> dict:
     if baseline not in names:
         raise ConfigError(f"baseline: {baseline!r} is not one of the runs ({', '.join(names)})")
 
-    curves, finals, fits, tasks, extra = {}, {}, {}, {}, {}
+    curves, finals, tasks, extra = {}, {}, {}, {}
     for name, path in runs:
         if not path.is_dir():
             raise FileNotFoundError(f"runs: {path} is not a directory")
@@ -257,8 +257,6 @@ def _render(config: ReportConfig, out: Path, log) -> dict:
             finals[name] = curve_rows(path)[-1]
         except FileNotFoundError as exc:
             log(f"report: {exc}")
-        if name in curves and len(curves[name][0]) >= 3:
-            fits[name] = fit_scaling_law(*curves[name])
         if tasks_file(path).is_file():
             tasks[name] = json.loads(tasks_file(path).read_text())
         if splits_file(path).is_file():
@@ -269,93 +267,22 @@ def _render(config: ReportConfig, out: Path, log) -> dict:
         md += [f"Teacher: `{config.teacher}` ({weights_description(config.teacher)}).", ""]
     results: dict = {"runs": {}, "baseline": baseline}
     if curves:
-        fig = Figure(figsize=(7, 4.5))
-        ax = fig.subplots()
-        for i, (name, (c, y)) in enumerate(curves.items()):
-            color = f"C{i}"
-            ax.plot(c, y, "o", color=color, ms=3, label=name)
-            if name in fits:
-                grid = np.geomspace(c.min(), max(c.max(), config.extrapolate_to or 0), 100)
-                ax.plot(grid, fits[name].loss_at(grid), "--", color=color, lw=1)
-        ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs (6ND; + teacher forward for Vanilla KD)")
-        ax.set_ylabel("held-out loss (nats/token)")
-        ax.set_title("loss against compute; dashed: fitted L(C) = A C^-a + L_inf")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "loss_vs_compute.png", dpi=120)
-        md += ["## Held-out loss against training compute", "", "![loss vs compute](loss_vs_compute.png)", "",
-               "| run | final FLOPs | final loss (95% CI) | bits/byte | A | alpha | L_inf | fit RMSE | points |"
-               + (" loss at extrapolated C |" if config.extrapolate_to else "")
-               + f" compute saving vs {baseline} |",
-               "|---|---|---|---|---|---|---|---|---|" + ("---|" if config.extrapolate_to else "") + "---|"]
-        base_fit = fits.get(baseline)
-        target = float(curves[baseline][1][-1]) if baseline in curves else math.nan
-        for name, (c, y) in curves.items():
-            fit = fits.get(name)
-            saving = compute_saving(base_fit, fit, target) if (fit and base_fit and name != baseline) else None
-            final = finals[name]
-            row = {"final_flops": float(c[-1]), "final_loss": float(y[-1]),
-                   "final_loss_ci95": final.get("loss_per_token_ci95"),
-                   "final_bits_per_byte": final.get("bits_per_byte"),
-                   "fit": fit.to_dict() if fit else None, "compute_saving": saving}
-            cells = [name, f"{c[-1]:.3g}", f"{y[-1]:.4f}" + (f" +- {half_width(final):.4f}" if final.get(
-                "loss_per_token_ci95") else ""), _number(final.get("bits_per_byte"))]
-            cells += [f"{fit.A:.4g}", f"{fit.alpha:.4f}", f"{fit.L_inf:.4f}", f"{fit.rmse:.4f}", str(fit.points)] \
-                if fit else ["-"] * 4 + [str(len(c))]
-            if config.extrapolate_to:
-                extrapolated = float(fit.loss_at(config.extrapolate_to)) if fit else None
-                row["loss_at_extrapolation"] = extrapolated
-                cells.append(f"{extrapolated:.4f}" if extrapolated is not None else "-")
-            cells.append("(baseline)" if name == baseline else f"{saving:.2f}x" if saving is not None
-                         and math.isfinite(saving) else "-" if saving is None else str(saving))
-            md.append("| " + " | ".join(cells) + " |")
-            results["runs"][name] = row
-        md += ["", f"Compute saving: how many times less training compute a run needs than {baseline} to reach "
-               f"{baseline}'s final loss ({target:.4f}), both read off the fitted curves.", ""]
+        md += _curves(config, out, baseline, curves, finals, results["runs"])
     if config.paired:
         lines, results["paired_differences"] = _paired_differences(config.paired, baseline, finals, extra)
         md += lines
     if config.reference_points:
-        points = json.loads(Path(config.reference_points).read_text())
-        md += _reference_points(points)
-        results["reference_points"] = points
+        results["reference_points"] = json.loads(Path(config.reference_points).read_text())
+        md += _reference_points(results["reference_points"])
     if tasks:
-        task_names = list(dict.fromkeys(t for r in tasks.values() for t in r["tasks"]))
-        md += ["## Zero-shot tasks (acc_norm where the task has it, else acc)", "",
-               "| run | " + " | ".join(task_names) + " | Avg. |", "|---" * (len(task_names) + 2) + "|"]
-        for name, result in tasks.items():
-            cells = [f"{100 * result['tasks'][t]['value']:.1f}" if t in result["tasks"] else "-" for t in task_names]
-            md.append(f"| {name} | " + " | ".join(cells) + f" | {100 * result['average']:.1f} |")
-            results["runs"].setdefault(name, {})["tasks"] = result
-        limits = {r.get("limit") for r in tasks.values()}
-        md += ["", f"Examples per task: {', '.join('all' if x is None else str(x) for x in limits)}.", ""]
+        md += _tasks(tasks, results["runs"])
     if config.selection:
-        selection = Path(config.selection)
-        if not (selection / "report.md").is_file():
-            raise FileNotFoundError(f"selection: {selection} has no report.md (a `miniplm select` output)")
-        target_dir = out / "selection"
-        if target_dir.exists():
-            shutil.rmtree(target_dir)
-        shutil.copytree(selection / "report", target_dir / "report")
-        shutil.copy(selection / "report.md", target_dir / "report.md")
-        m = _manifest(selection)
-        md += ["## Selection", "", f"Selector `{m.get('config', {}).get('selector')}`: kept {m.get('kept', 0):,} of "
-               f"{m.get('instances', 0):,} instances ({m.get('kept_tokens', 0):,} tokens); "
-               "[full selection report](selection/report.md).", "",
-               "![key histogram](selection/report/key_histogram.png)", "",
-               "![domains](selection/report/domains.png)", ""]
+        md += _selection(Path(config.selection), out)
     if config.diagnostics:
         md += _diagnostics([_named(spec) for spec in config.diagnostics])
     if config.costs:
-        rows = cost_rows([Path(p) for p in config.costs])
-        md += ["## Offline costs (not in the training compute above)", "",
-               "| stage | parameters | tokens | FLOPs | wall seconds |", "|---|---|---|---|---|"]
-        for r in rows:
-            md.append(f"| {r['stage']} | {r['parameters'] / 1e6:.1f}M | {r['tokens']:,} | {r['flops']:.3g} | "
-                      f"{r['seconds'] if r['seconds'] is not None else '-'} |")
-        results["costs"] = rows
-        md.append("")
+        results["costs"] = cost_rows([Path(p) for p in config.costs])
+        md += _costs(results["costs"])
     text = "\n".join(md)
     (out / "report.md").write_text(text)
     body = MarkdownIt("commonmark").enable("table").render(text)
@@ -365,3 +292,84 @@ def _render(config: ReportConfig, out: Path, log) -> dict:
         f"padding:2px 6px}}img{{max-width:100%}}</style></head><body>{body}</body></html>")
     write_json_atomic(out / "results.json", results)
     return {"baseline": baseline, "runs": names}
+
+
+def _curves(config: ReportConfig, out: Path, baseline: str, curves: dict, finals: dict, rows: dict) -> list[str]:
+    """The loss-against-compute plot and table: each run's final loss, its fit and its compute saving."""
+    fits = {name: fit_scaling_law(c, y) for name, (c, y) in curves.items() if len(c) >= 3}
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for i, (name, (c, y)) in enumerate(curves.items()):
+        color = f"C{i}"
+        ax.plot(c, y, "o", color=color, ms=3, label=name)
+        if name in fits:
+            grid = np.geomspace(c.min(), max(c.max(), config.extrapolate_to or 0), 100)
+            ax.plot(grid, fits[name].loss_at(grid), "--", color=color, lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (6ND; + teacher forward for Vanilla KD)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("loss against compute; dashed: fitted L(C) = A C^-a + L_inf")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_compute.png", dpi=120)
+    md = ["## Held-out loss against training compute", "", "![loss vs compute](loss_vs_compute.png)", "",
+          "| run | final FLOPs | final loss (95% CI) | bits/byte | A | alpha | L_inf | fit RMSE | points |"
+          + (" loss at extrapolated C |" if config.extrapolate_to else "") + f" compute saving vs {baseline} |",
+          "|---|---|---|---|---|---|---|---|---|" + ("---|" if config.extrapolate_to else "") + "---|"]
+    base_fit = fits.get(baseline)
+    target = float(curves[baseline][1][-1]) if baseline in curves else math.nan
+    for name, (c, y) in curves.items():
+        fit, final = fits.get(name), finals[name]
+        saving = compute_saving(base_fit, fit, target) if (fit and base_fit and name != baseline) else None
+        row = {"final_flops": float(c[-1]), "final_loss": float(y[-1]),
+               "final_loss_ci95": final.get("loss_per_token_ci95"), "final_bits_per_byte": final.get("bits_per_byte"),
+               "fit": fit.to_dict() if fit else None, "compute_saving": saving}
+        interval = f" +- {half_width(final):.4f}" if final.get("loss_per_token_ci95") else ""
+        cells = [name, f"{c[-1]:.3g}", f"{y[-1]:.4f}{interval}", _number(final.get("bits_per_byte"))]
+        cells += [f"{fit.A:.4g}", f"{fit.alpha:.4f}", f"{fit.L_inf:.4f}", f"{fit.rmse:.4f}", str(fit.points)] \
+            if fit else ["-"] * 4 + [str(len(c))]
+        if config.extrapolate_to:
+            row["loss_at_extrapolation"] = float(fit.loss_at(config.extrapolate_to)) if fit else None
+            cells.append(_number(row["loss_at_extrapolation"]))
+        cells.append("(baseline)" if name == baseline else f"{saving:.2f}x" if saving is not None
+                     and math.isfinite(saving) else "-" if saving is None else str(saving))
+        md.append("| " + " | ".join(cells) + " |")
+        rows[name] = row
+    return [*md, "", f"Compute saving: how many times less training compute a run needs than {baseline} to reach "
+            f"{baseline}'s final loss ({target:.4f}), both read off the fitted curves.", ""]
+
+
+def _tasks(tasks: dict, rows: dict) -> list[str]:
+    task_names = list(dict.fromkeys(t for r in tasks.values() for t in r["tasks"]))
+    md = ["## Zero-shot tasks (acc_norm where the task has it, else acc)", "",
+          "| run | " + " | ".join(task_names) + " | Avg. |", "|---" * (len(task_names) + 2) + "|"]
+    for name, result in tasks.items():
+        cells = [f"{100 * result['tasks'][t]['value']:.1f}" if t in result["tasks"] else "-" for t in task_names]
+        md.append(f"| {name} | " + " | ".join(cells) + f" | {100 * result['average']:.1f} |")
+        rows.setdefault(name, {})["tasks"] = result
+    limits = {r.get("limit") for r in tasks.values()}
+    return [*md, "", f"Examples per task: {', '.join('all' if x is None else str(x) for x in limits)}.", ""]
+
+
+def _selection(selection: Path, out: Path) -> list[str]:
+    """The selection's own report, copied beside this one and linked."""
+    if not (selection / "report.md").is_file():
+        raise FileNotFoundError(f"selection: {selection} has no report.md (a `miniplm select` output)")
+    target_dir = out / "selection"
+    if target_dir.exists():
+        shutil.rmtree(target_dir)
+    shutil.copytree(selection / "report", target_dir / "report")
+    shutil.copy(selection / "report.md", target_dir / "report.md")
+    m = _manifest(selection)
+    return ["## Selection", "", f"Selector `{m.get('config', {}).get('selector')}`: kept {m.get('kept', 0):,} of "
+            f"{m.get('instances', 0):,} instances ({m.get('kept_tokens', 0):,} tokens); "
+            "[full selection report](selection/report.md).", "",
+            "![key histogram](selection/report/key_histogram.png)", "", "![domains](selection/report/domains.png)", ""]
+
+
+def _costs(rows: list[dict]) -> list[str]:
+    md = ["## Offline costs (not in the training compute above)", "",
+          "| stage | parameters | tokens | FLOPs | wall seconds |", "|---|---|---|---|---|"]
+    md += [f"| {r['stage']} | {r['parameters'] / 1e6:.1f}M | {r['tokens']:,} | {r['flops']:.3g} | "
+           f"{r['seconds'] if r['seconds'] is not None else '-'} |" for r in rows]
+    return [*md, ""]
