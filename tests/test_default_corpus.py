@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import tarfile
 import zipfile
 
@@ -138,3 +139,20 @@ def test_the_unseen_dictionary_is_read_from_its_debian_package_without_its_marku
     unseen = next(s for s in dc.SOURCES if s.unseen)
     with pytest.warns(UserWarning, match="apt-get is not installed: skipping the 'dictionary' source"):
         assert dc._fetch(unseen, tmp_path) is None
+
+
+def test_the_unseen_source_is_refused_when_its_sha256_does_not_match(tmp_path, monkeypatch):
+    import subprocess
+
+    unseen = next(s for s in dc.SOURCES if s.unseen)
+
+    def fake_apt(cmd, cwd=None, **kw):  # apt-get download writes the package into the working directory
+        (cwd / unseen.filename).write_bytes(b"not the pinned package")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    (tmp_path / "dl").mkdir()
+    monkeypatch.setattr(dc.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(dc.subprocess, "run", fake_apt)
+    with pytest.raises(RuntimeError, match=re.escape(unseen.filename) + ": sha256 .* does not match the pinned"):
+        dc._fetch(unseen, tmp_path / "dl")
+    assert not (tmp_path / "dl" / unseen.filename).exists()

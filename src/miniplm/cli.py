@@ -291,7 +291,8 @@ COMMANDS = [
         EvalLossConfig,
         lambda config, force: evaluate_loss(config),
         "held-out loss of a model, or of every checkpoint of a training run (against tokens and FLOPs)",
-        "Mean held-out loss per token and per instance (the paper's), scored like `miniplm score`. Given a "
+        "Mean held-out loss per token and per instance (the paper's), and bits per byte (comparable across "
+        "tokenizers), each with a 95% bootstrap interval, scored like `miniplm score`. Given a "
         "`miniplm train` run directory, every kept checkpoint is evaluated and the points (step, tokens, "
         "FLOPs = 6ND, plus the teacher's forward for Vanilla KD) go to <run>/eval_loss.json. A model of "
         "another tokenizer is evaluated on the split re-tokenized for it. (`train --eval-every N` records "
@@ -345,7 +346,7 @@ COMMANDS = [
         "demo",
         RunConfig,
         _run_demo,
-        "the README's main command: `run` on the shipped demo config (about 15 minutes on 2 CPU cores)",
+        "the README's main command: `run` on the shipped demo config (under 15 minutes on 2 CPU cores)",
         "Runs the shipped demo config (miniplm/configs/demo.yaml: default corpus, SmolLM2-135M teacher, a "
         "tiny reference, two tiny students on uniform vs MiniPLM data) and prints the result table and "
         "where the report is. Any key can be overridden as for `run`.\n\n"
