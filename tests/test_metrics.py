@@ -154,3 +154,24 @@ def test_bootstrap_interval_is_seeded_and_shrinks_with_more_instances():
     low, high = large["loss_per_token_ci95"]
     assert low < large["loss_per_token"] < high
     assert high - low < small["loss_per_token_ci95"][1] - small["loss_per_token_ci95"][0]
+
+
+def test_paired_difference_resamples_instances_jointly():
+    from miniplm.core.metrics import paired_difference
+
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(50, 100, size=300)
+    hardness = rng.normal(5.0, 1.0, size=300)  # both models find the same instances hard
+    theirs = {"nats": (hardness * tokens).tolist(), "tokens": tokens.tolist(), "bytes": (tokens * 4).tolist()}
+    shifted = {**theirs, "nats": ((hardness - 0.1) * tokens).tolist()}
+    exact = paired_difference(shifted, theirs)
+    assert exact["loss_per_token"] == pytest.approx(-0.1)
+    assert exact["loss_per_token_ci95"] == pytest.approx([-0.1, -0.1])
+    assert exact["bits_per_byte"] == pytest.approx(-0.1 / 4 / math.log(2))
+    noisy = {**theirs, "nats": ((hardness - 0.1 + rng.normal(0, 0.05, 300)) * tokens).tolist()}
+    paired = paired_difference(noisy, theirs)
+    low, high = paired["loss_per_token_ci95"]
+    own = loss_summary(np.array(noisy["nats"]), tokens, tokens * 4)["loss_per_token_ci95"]
+    assert low < -0.1 < high and high - low < (own[1] - own[0]) / 5  # far narrower than one model's interval
+    with pytest.raises(ValueError, match="different numbers of instances"):
+        paired_difference({k: v[:10] for k, v in theirs.items()}, theirs)

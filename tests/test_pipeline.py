@@ -64,6 +64,9 @@ def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, 
     assert len(curve) >= 3 and curve[-1]["step"] == manifests["miniplm"]["steps"]
     tasks = json.loads((out / "students" / "no-kd" / "evaluation" / "eval_tasks.json").read_text())["tasks"]
     assert tasks["lambada_openai"]["examples"] == 4
+    differences = report["final_splits"]["heldout_hq"]["miniplm"]["difference"]  # paired, on the same instances
+    assert len(differences["loss_per_token_ci95"]) == 2 and "difference" not in report["final_splits"]["heldout_hq"][
+        "no-kd"]
     final = json.loads((out / "students" / "miniplm" / "evaluation" / "eval_splits.json").read_text())
     assert final["splits"]["heldout"]["loss_per_token"] > 0 and final["splits"]["heldout"]["instances"] > 0
     points = json.loads((out / "reference_points" / "reference_points.json").read_text())

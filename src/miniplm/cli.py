@@ -126,17 +126,19 @@ def build_config(command: Command, args: argparse.Namespace):
 def _print_results(results: dict) -> None:
     console = Console()
     if not console.is_terminal:
-        console.width = max(console.width, 120)  # logs and CI: do not squeeze the table into 80 columns
-    table = Table(title=f"students (held-out loss per token on the final step; compute saving against "
+        console.width = max(console.width, 160)  # logs and CI: do not squeeze the table into 80 columns
+    table = Table(title=f"students (held-out loss per token on the final step; its difference from "
+                        f"{results['baseline']}'s on the same instances; compute saving against "
                         f"{results['baseline']}'s final loss)")
     for column in ("student", "model", "data", "KD", "params", "tokens", "held-out loss", "bits/byte",
-                   "tasks avg", "compute saving"):
+                   "minus baseline [95% CI]", "tasks avg", "compute saving"):
         table.add_column(column, justify="left" if column in ("student", "model", "data", "KD") else "right")
     for r in results["students"]:
         saving = r["compute_saving"]
         table.add_row(r["student"], r["model"], r["data"], r["kd"], f"{r['parameters'] / 1e6:.1f}M",
                       f"{r['tokens']:,}", _with_interval(r["heldout_loss"], r.get("heldout_loss_ci95")),
                       f"{r['heldout_bits_per_byte']:.4f}" if r.get("heldout_bits_per_byte") is not None else "-",
+                      _difference(r.get("paired_difference")),
                       f"{100 * r['tasks_average']:.1f}" if r["tasks_average"] is not None else "-",
                       "baseline" if r["student"] == results["baseline"] else
                       f"{saving:.2f}x" if isinstance(saving, float) and saving == saving else "-")
@@ -153,6 +155,13 @@ def _print_results(results: dict) -> None:
                       f"{best['step']} of {results['reference']['steps']} (its D_ref validation slice)",
                       highlight=False)
     console.print(f"report: {results['report']} (and report.html beside it)", highlight=False)
+
+
+def _difference(d: dict | None) -> str:
+    if d is None:
+        return "-"
+    low, high = d["loss_per_token_ci95"]
+    return f"{d['loss_per_token']:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def _with_interval(loss: float | None, interval: list[float] | None) -> str:

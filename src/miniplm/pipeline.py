@@ -254,9 +254,8 @@ class Pipeline:
                   for path, s in exports.items()]
         steps += [Step(f"train {s.name}", Train(), functools.partial(self.student_train_config, s))
                   for s in c.students]
-        if c.eval.tasks or c.eval.final_splits:
-            steps += [Step(f"evaluate {s.name}", FinalEval(), functools.partial(self.final_eval_config, s))
-                      for s in c.students]
+        steps += [Step(f"evaluate {s.name}", FinalEval(), functools.partial(self.final_eval_config, s))
+                  for s in c.students]
         steps += [Step("reference points", ReferencePoints(), self.reference_points_config),
                   Step("report", Report(), self.report_config)]
         return steps
@@ -321,7 +320,8 @@ class Pipeline:
     def final_eval_config(self, student: StudentConfig) -> FinalEvalConfig:
         e, run = self.config.eval, self.student(student.name)
         return FinalEvalConfig(run=str(run), corpus=str(self.corpus), tasks=e.tasks, task_limit=e.task_limit,
-                               splits=e.final_splits, max_instances=e.max_instances, output=str(run / "evaluation"))
+                               splits=self.eval_splits(), max_instances=e.max_instances,
+                               output=str(run / "evaluation"))
 
     def eval_splits(self) -> list[str]:
         """The held-out splits every model and level is measured on: the curve's split first."""
@@ -377,6 +377,7 @@ class Pipeline:
         report = read_json(self.report / "results.json")
         points = read_json(self.points / POINTS_FILE)
         rows = []
+        primary = report.get("final_splits", {}).get(self.config.eval.split, {})
         for s in self.config.students:
             run = report["runs"].get(s.name, {})
             manifest = read_manifest(self.student(s.name))
@@ -384,6 +385,7 @@ class Pipeline:
                          "parameters": manifest["model"]["parameters"], "tokens": manifest["tokens"],
                          "heldout_loss": run.get("final_loss"), "heldout_loss_ci95": run.get("final_loss_ci95"),
                          "heldout_bits_per_byte": run.get("final_bits_per_byte"),
+                         "paired_difference": primary.get(s.name, {}).get("difference"),
                          "tasks_average": run.get("tasks", {}).get("average"),
                          "compute_saving": run.get("compute_saving")})
         reference = read_manifest(self.reference)

@@ -1,7 +1,7 @@
 """Evaluations of finished models that `miniplm run` records beside its students, as stages of their own.
 
     final eval        a student's final model: zero-shot tasks (eval_tasks.json) and its held-out loss on
-                      more splits (eval_splits.json)
+                      every evaluated split, per instance too, for paired comparisons (eval_splits.json)
     reference points  the levels a student is read against on the same held-out instances, in nats/token and
                       bits per byte: n-gram models fitted on the training pool (in every tokenizer the run
                       uses), the teacher and the reference model (reference_points.json)
@@ -43,6 +43,7 @@ class FinalEvalConfig(Progress):
 class FinalEval(Stage):
     name = "final eval"
     config = FinalEvalConfig
+    version = 2  # eval_splits.json holds per-instance losses
 
     def inputs(self, config: FinalEvalConfig, log) -> dict:
         trained = read_manifest(config.run)
@@ -60,8 +61,8 @@ class FinalEval(Stage):
             model = AutoModelForCausalLM.from_pretrained(final, use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(final)
             corpus = PackedCorpus(config.corpus)
-            losses = {split: heldout_loss(model, tokenizer, HeldOut(corpus, split, config.max_instances))
-                      for split in config.splits}
+            losses = {split: heldout_loss(model, tokenizer, HeldOut(corpus, split, config.max_instances),
+                                          per_instance=True) for split in config.splits}
             write_json_atomic(out / SPLITS_FILE, {"splits": losses})
         return {"files": [name for name, on in ((TASKS_FILE, config.tasks), (SPLITS_FILE, config.splits)) if on]}
 

@@ -92,8 +92,9 @@ class HeldOut:
 
 
 def heldout_loss(model, tokenizer, heldout: HeldOut, precision: str = "auto", batch_tokens: int = 16384,
-                 show_progress: bool = False) -> dict:
-    """Mean held-out loss of `model` (per token and per instance), in nats."""
+                 show_progress: bool = False, per_instance: bool = False) -> dict:
+    """Mean held-out loss of `model` (per token and per instance, nats; bits per byte), with intervals; and with
+    `per_instance`, each instance's summed loss, positions and bytes (for paired comparisons of models)."""
     instances, eos = heldout.for_tokenizer(tokenizer)
     masked = masked_input_ids(eos, tokenizer)
     device = next(model.parameters()).device
@@ -109,7 +110,11 @@ def heldout_loss(model, tokenizer, heldout: HeldOut, precision: str = "auto", ba
                 sums[batch], counts[batch] = scorer.score([instances[i] for i in batch])
                 advance(int(lengths[batch].sum()))
     model.train(was_training)
-    return loss_summary(-sums, counts, heldout.scored_bytes(tokenizer))
+    nbytes = heldout.scored_bytes(tokenizer)
+    summary = loss_summary(-sums, counts, nbytes)
+    if per_instance:
+        summary["per_instance"] = {"nats": (-sums).tolist(), "tokens": counts.tolist(), "bytes": nbytes.tolist()}
+    return summary
 
 
 def ngram_loss(order: int, fit_on: list[np.ndarray], heldout: HeldOut, tokenizer, eos_id: int) -> dict:

@@ -23,7 +23,7 @@ from miniplm.core.config import ConfigError, option
 from miniplm.core.flops import forward_flops, training_flops
 from miniplm.core.hashing import file_sha256
 from miniplm.core.manifest import MANIFEST, read_manifest, write_json_atomic
-from miniplm.core.metrics import half_width
+from miniplm.core.metrics import half_width, paired_difference
 from miniplm.core.models import weights_description
 from miniplm.core.stage import Stage, StageResult, execute
 from miniplm.evaluation.final import SPLITS_FILE, TASKS_FILE
@@ -192,6 +192,38 @@ def _diagnostics(selections: list[tuple[str, Path]]) -> list[str]:
     return [*md, ""]
 
 
+def _final_splits(baseline: str, extra: dict[str, dict]) -> tuple[list[str], dict]:
+    """Each run's final model on every evaluated split, and its difference from the baseline's on the same
+    instances with a paired bootstrap interval (far narrower than either model's own)."""
+    md = ["## Final models on every held-out split", "",
+          f"Each run's final model, and its difference from {baseline}'s on the same instances (95% paired "
+          "bootstrap interval; an interval that excludes 0 is a difference these instances can tell). "
+          "Bits per byte compare across tokenizers.", "",
+          "| split | run | nats/token (95% CI) | bits/byte | minus baseline, nats/token [95% CI] | "
+          "minus baseline, bits/byte [95% CI] |",
+          "|---|---|---|---|---|---|"]
+    found: dict = {}
+    splits = list(dict.fromkeys(split for losses in extra.values() for split in losses))
+    for split in splits:
+        base = extra.get(baseline, {}).get(split, {}).get("per_instance")
+        for run, losses in extra.items():
+            if split not in losses:
+                continue
+            p = losses[split]
+            row = {k: p.get(k) for k in ("loss_per_token", "loss_per_token_ci95", "bits_per_byte")}
+            cells = ["-", "-"]
+            if run != baseline and base is not None and p.get("per_instance") is not None:
+                row["difference"] = d = paired_difference(p["per_instance"], base)
+                cells = [f"{d['loss_per_token']:+.4f} [{d['loss_per_token_ci95'][0]:+.4f}, "
+                         f"{d['loss_per_token_ci95'][1]:+.4f}]",
+                         f"{d['bits_per_byte']:+.4f} [{d['bits_per_byte_ci95'][0]:+.4f}, "
+                         f"{d['bits_per_byte_ci95'][1]:+.4f}]"]
+            found.setdefault(split, {})[run] = row
+            md.append(f"| {split} | {run} | {p['loss_per_token']:.4f} +- {half_width(p):.4f} | "
+                      f"{_number(p.get('bits_per_byte'))} | " + " | ".join(cells) + " |")
+    return [*md, ""], found
+
+
 def _paired_differences(paired: list[str], baseline: str, finals: dict[str, dict], extra: dict[str, dict]) -> tuple:
     """Per arm, the run-minus-baseline differences of final held-out losses between runs of the same seed:
     mean and standard deviation over seeds, on the curve's split and on every split of the final evaluations."""
@@ -268,6 +300,9 @@ def _render(config: ReportConfig, out: Path, log) -> dict:
     results: dict = {"runs": {}, "baseline": baseline}
     if curves:
         md += _curves(config, out, baseline, curves, finals, results["runs"])
+    if extra:
+        lines, results["final_splits"] = _final_splits(baseline, extra)
+        md += lines
     if config.paired:
         lines, results["paired_differences"] = _paired_differences(config.paired, baseline, finals, extra)
         md += lines

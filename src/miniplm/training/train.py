@@ -140,6 +140,7 @@ class Batches:
                  seed: int):
         self.split, self.indices, self.batch_size, self.pad_id = split, indices, batch_size, pad_id
         self.shuffled, self.seed = shuffled, seed
+        self.validating = len(indices) < len(split)  # some instances are held out as a validation slice
         self._orders: dict[int, np.ndarray] = {}
 
     def index(self, position: int) -> int:
@@ -283,6 +284,9 @@ class Train(Stage):
         if config.eval_every and rank == 0:
             eval_corpus = PackedCorpus(config.eval_corpus) if config.eval_corpus else corpus
             heldout = HeldOut(eval_corpus, config.eval_split, config.eval_max_instances)
+        if config.validation_fraction and not len(validating):
+            log(f"train: warning: {config.corpus}/{config.split} has too few instances ({len(split)}) for a "
+                f"validation slice of {config.validation_fraction}; training without one")
         if len(validating) and rank == 0:
             validation = HeldOut(corpus, config.split, indices=validating)
         if rank == 0:
@@ -350,7 +354,7 @@ class _Loop:
     optimizer: torch.optim.Optimizer
     tokenizer: object
     heldout: HeldOut | None
-    validation: HeldOut | None
+    validation: HeldOut | None  # rank 0's; the other ranks only join its verdict
     n_params: int
     n_teacher: int
     masked: set[int]
@@ -414,7 +418,7 @@ class _Loop:
                     _log_eval(output / "eval.jsonl", model, self.tokenizer, self.heldout, config.precision, step,
                               tokens_seen, self.n_params, self.n_teacher)
                 stop = False
-                if self.validation is not None or (world > 1 and config.validation_fraction):
+                if self.batches.validating:
                     if step % validate_every == 0 or step == total_steps:
                         stop = self._validate(step, tokens_seen, device)
                 if step % config.save_every == 0 or step == total_steps or stop:
