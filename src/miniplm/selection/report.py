@@ -101,40 +101,54 @@ def write_report(selection_dir: str | Path, manifest: dict, log=print) -> Path:
     """The report of the selection in `selection_dir`, whose manifest (or the facts it will hold) is `manifest`."""
     out = Path(selection_dir)
     rows = out / "instances.parquet"
-    config = manifest["config"]
-    selector = config["selector"]
+    selector = manifest["config"]["selector"]
     figures = out / "report"
     figures.mkdir(exist_ok=True)
     lines = [f"# Selection report: {selector}", "", MEANING[selector], ""]
-    target = manifest["target"]
     lines += [f"- corpus: `{manifest['corpus']['path']}` split `{manifest['corpus']['split']}`, "
               f"{manifest['instances']:,} instances",
-              f"- target: {target}; kept {manifest['kept']:,} instances, {manifest['kept_tokens']:,} tokens",
+              f"- target: {manifest['target']}; kept {manifest['kept']:,} instances, "
+              f"{manifest['kept_tokens']:,} tokens",
               f"- instances with NaN/inf scores (excluded): {manifest['invalid_scores']:,}",
               f"- cut(s): {manifest['cuts']}", ""]
+    lines += _key_distribution(rows, manifest, figures)
+    lines += _teacher_vs_reference(rows, manifest["instances"], figures)
+    lines += _domains(manifest["domains"], figures)
+    if manifest.get("ngram_diagnostic"):
+        lines += ngram_diagnostic_table(manifest["ngram_diagnostic"])
+    lines += _samples(rows, PackedCorpus(manifest["corpus"]["path"]), manifest["corpus"]["split"])
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    log(f"select: report written to {path}")
+    return path
 
+
+def _key_distribution(rows: Path, manifest: dict, figures: Path) -> list[str]:
     hist = _histogram(rows, "key")
-    if hist is not None:
-        edges, kept, dropped = hist
-        centers = (edges[:-1] + edges[1:]) / 2
-        fig = Figure(figsize=(11, 4))
-        ax1, ax2 = fig.subplots(1, 2)
-        ax1.bar(centers, dropped, width=np.diff(edges), color="#bbbbbb", label="dropped")
-        ax1.bar(centers, kept, width=np.diff(edges), bottom=dropped, color="#1f77b4", label="kept")
-        cdf = np.cumsum(kept + dropped) / max(int((kept + dropped).sum()), 1)
-        ax2.plot(edges[1:], cdf, color="black")
-        for cut in manifest["cuts"].values():
-            if cut is not None and selector != "random" and config.get("temperature") is None:
-                for ax in (ax1, ax2):
-                    ax.axvline(cut["key"], color="red", linestyle="--", linewidth=1)
-        ax1.set(title="key distribution (red: the cut)", xlabel="key", ylabel="instances")
-        ax2.set(title="cumulative distribution", xlabel="key", ylabel="fraction of instances")
-        ax1.legend()
-        fig.tight_layout()
-        fig.savefig(figures / "key_histogram.png", dpi=110)
-        lines += ["## Key distribution", "", "![key histogram and CDF](report/key_histogram.png)", ""]
+    if hist is None:
+        return []
+    config = manifest["config"]
+    edges, kept, dropped = hist
+    centers = (edges[:-1] + edges[1:]) / 2
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.bar(centers, dropped, width=np.diff(edges), color="#bbbbbb", label="dropped")
+    ax1.bar(centers, kept, width=np.diff(edges), bottom=dropped, color="#1f77b4", label="kept")
+    cdf = np.cumsum(kept + dropped) / max(int((kept + dropped).sum()), 1)
+    ax2.plot(edges[1:], cdf, color="black")
+    for cut in manifest["cuts"].values():
+        if cut is not None and config["selector"] != "random" and config.get("temperature") is None:
+            for ax in (ax1, ax2):
+                ax.axvline(cut["key"], color="red", linestyle="--", linewidth=1)
+    ax1.set(title="key distribution (red: the cut)", xlabel="key", ylabel="instances")
+    ax2.set(title="cumulative distribution", xlabel="key", ylabel="fraction of instances")
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(figures / "key_histogram.png", dpi=110)
+    return ["## Key distribution", "", "![key histogram and CDF](report/key_histogram.png)", ""]
 
-    n = manifest["instances"]
+
+def _teacher_vs_reference(rows: Path, n: int, figures: Path) -> list[str]:
     share = min(1.0, SCATTER_POINTS / max(n, 1))
     pts = {"t": [], "f": [], "s": []}
     for b in _batches(rows, ["instance_id", "teacher_logp", "ref_logp", "selected"]):
@@ -143,22 +157,24 @@ def write_report(selection_dir: str | Path, manifest: dict, log=print) -> Path:
         pts["f"].append(-b["ref_logp"][pick])
         pts["s"].append(b["selected"][pick])
     t, f, s = (np.concatenate(pts[k]) for k in "tfs")
-    if np.isfinite(t).any() and np.isfinite(f).any():
-        fig = Figure(figsize=(5.5, 5))
-        ax = fig.subplots()
-        ax.scatter(f[~s], t[~s], s=4, alpha=0.4, color="#bbbbbb", label="dropped")
-        ax.scatter(f[s], t[s], s=4, alpha=0.5, color="#1f77b4", label="kept")
-        finite = np.isfinite(t) & np.isfinite(f)
-        lim = [min(t[finite].min(), f[finite].min()), max(t[finite].max(), f[finite].max())]
-        ax.plot(lim, lim, color="black", linewidth=0.8, label="equal loss (r = 0)")
-        ax.set(xlabel="reference loss (nats/token)", ylabel="teacher loss (nats/token)",
-               title=f"teacher vs reference ({len(t):,} instances)")
-        ax.legend(markerscale=3)
-        fig.tight_layout()
-        fig.savefig(figures / "teacher_vs_reference.png", dpi=110)
-        lines += ["## Teacher vs reference loss", "", "![teacher vs reference](report/teacher_vs_reference.png)", ""]
+    if not (np.isfinite(t).any() and np.isfinite(f).any()):
+        return []
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    ax.scatter(f[~s], t[~s], s=4, alpha=0.4, color="#bbbbbb", label="dropped")
+    ax.scatter(f[s], t[s], s=4, alpha=0.5, color="#1f77b4", label="kept")
+    finite = np.isfinite(t) & np.isfinite(f)
+    lim = [min(t[finite].min(), f[finite].min()), max(t[finite].max(), f[finite].max())]
+    ax.plot(lim, lim, color="black", linewidth=0.8, label="equal loss (r = 0)")
+    ax.set(xlabel="reference loss (nats/token)", ylabel="teacher loss (nats/token)",
+           title=f"teacher vs reference ({len(t):,} instances)")
+    ax.legend(markerscale=3)
+    fig.tight_layout()
+    fig.savefig(figures / "teacher_vs_reference.png", dpi=110)
+    return ["## Teacher vs reference loss", "", "![teacher vs reference](report/teacher_vs_reference.png)", ""]
 
-    domains = manifest["domains"]
+
+def _domains(domains: dict, figures: Path) -> list[str]:
     names = sorted(domains)
     total_tokens = sum(d["tokens"] for d in domains.values()) or 1
     kept_tokens = sum(d["kept_tokens"] for d in domains.values()) or 1
@@ -174,22 +190,21 @@ def write_report(selection_dir: str | Path, manifest: dict, log=print) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(figures / "domains.png", dpi=110)
-    lines += ["## Domains", "", "![domain mix](report/domains.png)", "",
-              "| domain | instances | kept | kept fraction | tokens | kept tokens | share before | share after |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines = ["## Domains", "", "![domain mix](report/domains.png)", "",
+             "| domain | instances | kept | kept fraction | tokens | kept tokens | share before | share after |",
+             "|---|---|---|---|---|---|---|---|"]
     for d, b_, a_ in zip(names, before, after):
         c = domains[d]
         lines.append(f"| {d} | {c['instances']:,} | {c['kept']:,} | {c['kept'] / max(c['instances'], 1):.1%} | "
                      f"{c['tokens']:,} | {c['kept_tokens']:,} | {b_:.1%} | {a_:.1%} |")
-    lines.append("")
+    return [*lines, ""]
 
-    if manifest.get("ngram_diagnostic"):
-        lines += ngram_diagnostic_table(manifest["ngram_diagnostic"])
 
-    corpus = PackedCorpus(manifest["corpus"]["path"])
-    split = corpus.split(manifest["corpus"]["split"])
+def _samples(rows: Path, corpus: PackedCorpus, split_name: str) -> list[str]:
+    """Decoded instances from the top, the bottom and the 1%/10% edges of the ranking."""
+    split = corpus.split(split_name)
     tokenizer = corpus.load_tokenizer()
-    lines += ["## Samples", ""]
+    lines = ["## Samples", ""]
     for label, fraction, top in [("top (rank 1)", 0.0, True), ("top 1% edge", 0.01, True),
                                  ("top 10% edge", 0.10, True), ("bottom 10% edge", 0.10, False),
                                  ("bottom 1% edge", 0.01, False), ("bottom (last rank)", 0.0, False)]:
@@ -201,7 +216,4 @@ def write_report(selection_dir: str | Path, manifest: dict, log=print) -> Path:
         lines += [f"### {label}: instance {instance} ({row['domain']}), key {row['key']:.3f}, teacher loss "
                   f"{-row['teacher_logp']:.3f}, reference loss {-row['ref_logp']:.3f}, "
                   f"{'kept' if row['selected'] else 'dropped'}", "", "```text", text, "```", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    log(f"select: report written to {path}")
-    return path
+    return lines
