@@ -107,6 +107,17 @@ def corpus_non_string_field(e: Env) -> str:
     return e.prepare(e.jsonl([{"text": 42}]), "--on-bad-record", "fail")
 
 
+def corpus_lone_surrogate(e: Env) -> str:
+    return e.prepare(e.jsonl(['{"text": "a \\ud800 b"}']), "--on-bad-record", "fail")
+
+
+def corpus_nothing_to_pack(e: Env) -> str:
+    path = e.tmp / "raw" / "empty.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("")
+    return e.prepare(path)
+
+
 def corpus_invalid_utf8(e: Env) -> str:
     path = e.tmp / "raw" / "latin.txt"
     path.parent.mkdir(parents=True)

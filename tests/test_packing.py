@@ -96,3 +96,21 @@ def test_boundary_table_from_a_real_tokenizer(tokenizer_dir):
     assert cuts[-1] == text + "<|endoftext|>"
     assert all(c.rstrip(" ").endswith((".", "!", "\n", "<|endoftext|>")) for c in cuts)
     assert not any(c.endswith("3.") for c in cuts)  # a decimal point is not a sentence end
+
+
+def test_full_width_sentence_ends_are_boundaries_even_split_over_byte_tokens(tokenizer_dir):
+    """CJK text has no space after 。！？；; a byte-level vocabulary trained on English spells each of them
+    as three one-byte tokens, and the boundary falls after the third."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    table = BoundaryTable.from_tokenizer(tok)
+    text = "日本語の文です。次の文！終わり？はい；最後"
+    ids = np.array(tok(text, add_special_tokens=False)["input_ids"])
+    cuts = [tok.decode(ids[: i + 1]) for i in np.flatnonzero(table.flags(ids))]
+    assert cuts == ["日本語の文です。", "日本語の文です。次の文！", "日本語の文です。次の文！終わり？",
+                    "日本語の文です。次の文！終わり？はい；"]
+    packer = Packer(max_len=64, boundaries=table, eos_id=tok.eos_token_id)
+    for i in range(10):
+        packer.add(tok(text * 10, add_special_tokens=False)["input_ids"], "cjk", i)
+    assert packer.stats.hard_cuts == 0

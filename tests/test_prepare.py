@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -154,3 +155,18 @@ def test_eos_token_override_and_unknown_token(tmp_path, tokenizer_dir, corpus):
 
     with pytest.raises(ConfigError, match="eos_token"):
         prepare(config(tmp_path, tokenizer_dir, eos_token="<|nope|>"), log=lambda m: None)
+
+
+def test_special_token_strings_in_text_are_text_and_only_the_appended_eos_is_a_boundary(tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    texts = ["A chat log ends with <|endoftext|> and goes on.", "Another <|endoftext|><|endoftext|> document."]
+    path = write_jsonl(tmp_path / "raw" / "c.jsonl", [{"text": t, "id": str(i)} for i, t in enumerate(texts)])
+    prepare(load_config(PrepareConfig, None, {"inputs": [str(path)], "tokenizer": str(tokenizer_dir),
+                                              "output": str(tmp_path / "out"), "max_len": 256, "progress": False,
+                                              "splits": {}}), log=lambda m: None)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    instance = PackedSplit(tmp_path / "out" / "train", "uint16")[0]
+    assert int((instance == tok.eos_token_id).sum()) == len(texts)  # one EOS per document, the appended one
+    ends = np.flatnonzero(instance == tok.eos_token_id)
+    assert [tok.decode(x.tolist()) for x in np.split(instance, ends + 1)[:-1]] == [t + "<|endoftext|>" for t in texts]

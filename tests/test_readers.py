@@ -126,3 +126,17 @@ def test_rank_world_size_split_files_without_overlap(tmp_path):
     files = expand_inputs([InputSpec(str(tmp_path / "*.jsonl"))])
     shares = [[d.doc_id for d in read_documents(files, Fields(), rank=r, world_size=2)] for r in range(2)]
     assert shares == [["0", "2", "4"], ["1", "3"]]
+
+
+def test_a_byte_order_mark_a_lone_surrogate_and_json_messages(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"text": "first, after a BOM"}\n{"text": "a \\ud800 b"}\n{"text": "broken\n')
+    docs = docs_of(str(bom))
+    assert [(d.text, d.skip) for d in docs] == [("first, after a BOM", None), (None, "lone_surrogate"),
+                                                (None, "bad_json")]
+    assert "lone surrogate ('\\ud800')" in docs[1].detail
+    assert docs[2].detail == "Invalid control character at column 17"  # not "at at column"
+    assert "Fix: write the character" in str(BadRecordError(docs[1]))
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_bytes(b"\xef\xbb\xbfText after a BOM.")
+    assert [d.text for d in docs_of(str(tmp_path / "txt"))] == ["Text after a BOM."]

@@ -55,7 +55,8 @@ class Retokenizer:
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         ids = [] if self.bos is None else [self.bos]
         for text, closed in self.pieces_of(tokens):
-            encoded = self.student(text, add_special_tokens=False)["input_ids"] if text else []
+            encoded = self.student(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] \
+                if text else []
             self.pieces += 1
             if text and self.student.decode(encoded) != text:
                 self.lossy += 1
@@ -64,33 +65,49 @@ class Retokenizer:
 
 
 
-def token_byte_lengths(tokenizer, eos_id: int) -> np.ndarray:
-    """UTF-8 bytes of text each token id stands for: what bits per byte divides by.
+def token_bytes(tokenizer) -> list[bytes]:
+    """The bytes of text each token id stands for (specials: their literal text).
 
-    Byte-level BPE (GPT-2, SmolLM2, GPT-NeoX, Qwen2): one character of a token's string is one byte.
-    SentencePiece-style (Metaspace): `▁` is a space and `<0xNN>` one byte. Special tokens stand for no text,
-    except EOS, which counts one byte: the document separator every tokenizer predicts once per document.
+    Byte-level BPE (GPT-2, SmolLM2, GPT-NeoX, Qwen2): each character of a token's string maps to one byte.
+    SentencePiece-style (Metaspace): `▁` is a space and `<0xNN>` one byte. Otherwise: the token decoded alone.
     """
-    vocab_size = len(tokenizer)
-    strings = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    strings = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     kind = _decoder_kind(tokenizer)
-    lengths = np.zeros(vocab_size, dtype=np.int64)
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_encoder", {}).values())
+    decode_byte = {c: b for b, c in _byte_alphabet().items()}
+    out = []
     for i, s in enumerate(strings):
         if s is None:
-            continue
-        if kind == "byte_level":
-            lengths[i] = len(s)
-        elif kind == "metaspace" and len(s) == 6 and s.startswith("<0x") and s.endswith(">"):
-            lengths[i] = 1
-        elif kind == "metaspace":
-            lengths[i] = len(s.replace("\u2581", " ").encode("utf-8"))
+            out.append(b"")
+        elif i in special or kind == "other":
+            out.append(s.encode("utf-8") if i in special else tokenizer.convert_tokens_to_string([s]).encode("utf-8"))
+        elif kind == "byte_level":
+            out.append(bytes(decode_byte.get(c, 0) for c in s) if all(c in decode_byte for c in s)
+                       else s.encode("utf-8"))
+        elif len(s) == 6 and s.startswith("<0x") and s.endswith(">"):
+            out.append(bytes([int(s[3:5], 16)]))
         else:
-            lengths[i] = len(tokenizer.convert_tokens_to_string([s]).encode("utf-8"))
-    for token_id in tokenizer.all_special_ids:
-        lengths[token_id] = 0
-    for token, token_id in getattr(tokenizer, "added_tokens_encoder", {}).items():
-        if token_id not in tokenizer.all_special_ids:
-            lengths[token_id] = len(token.encode("utf-8"))  # added tokens match their literal text
+            out.append(s.replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, which byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def token_byte_lengths(tokenizer, eos_id: int) -> np.ndarray:
+    """UTF-8 bytes of text each token id stands for, as bits per byte counts them: special tokens stand for
+    no text, except EOS, which counts one byte (the document separator every tokenizer predicts once per
+    document); added non-special tokens match their literal text."""
+    lengths = np.array([len(b) for b in token_bytes(tokenizer)], dtype=np.int64)
+    lengths[list(tokenizer.all_special_ids)] = 0
     lengths[int(eos_id)] = 1
     return lengths
 

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from miniplm.core.tokens import token_bytes
+
 SENTENCE_END = (".", "!", "?", ";")
+# full-width sentence ends, a boundary with or without a following space (CJK text has none); matched on the
+# bytes of the last tokens, since byte-level vocabularies often split them into two or three tokens
+WIDE_SENTENCE_END = ("。", "！", "？", "；")
+WIDE_CODES = np.array([int.from_bytes(c.encode("utf-8"), "big") for c in WIDE_SENTENCE_END], dtype=np.int64)
+TAIL = 3  # bytes of each token's end kept for the wide-ending check (each of them is 3 bytes in UTF-8)
 
 
 @dataclass(frozen=True)
@@ -27,32 +34,51 @@ class BoundaryTable:
     always: np.ndarray  # bool: EOS/special or contains a newline, or punctuation+whitespace in one token
     ends_sentence: np.ndarray  # bool: ends in . ! ? ;
     starts_space: np.ndarray  # bool: begins with whitespace
+    tail: np.ndarray  # int64: the token's last (up to TAIL) bytes as a big-endian number
+    tail_len: np.ndarray  # int64: how many bytes `tail` holds
 
     @classmethod
-    def from_strings(cls, pieces: list[str], raw_pieces: list[str], special_ids: set[int]) -> BoundaryTable:
-        """`pieces`: each id decoded alone; `raw_pieces`: the vocabulary strings (for 'Ġ'/'▁' markers)."""
+    def from_strings(cls, pieces: list[str], raw_pieces: list[str], special_ids: set[int],
+                     piece_bytes: list[bytes] | None = None) -> BoundaryTable:
+        """`pieces`: each id decoded alone; `raw_pieces`: the vocabulary strings (for 'Ġ'/'▁' markers);
+        `piece_bytes`: the bytes each id stands for (default: the decoded piece's UTF-8)."""
         n = len(pieces)
         always = np.zeros(n, dtype=bool)
         ends = np.zeros(n, dtype=bool)
         starts = np.zeros(n, dtype=bool)
+        tail = np.zeros(n, dtype=np.int64)
+        tail_len = np.zeros(n, dtype=np.int64)
         for i, (piece, raw) in enumerate(zip(pieces, raw_pieces)):
             stripped = piece.rstrip()
             always[i] = i in special_ids or "\n" in piece or (stripped != piece and stripped.endswith(SENTENCE_END))
             ends[i] = piece.endswith(SENTENCE_END)
             starts[i] = piece[:1].isspace() or raw[:1] in ("Ġ", "▁", " ")
-        return cls(always, ends, starts)
+            if i not in special_ids:
+                end = (piece_bytes[i] if piece_bytes is not None else piece.encode("utf-8"))[-TAIL:]
+                tail[i], tail_len[i] = int.from_bytes(end, "big"), len(end)
+        return cls(always, ends, starts, tail, tail_len)
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> BoundaryTable:
         ids = list(range(len(tokenizer)))
         pieces = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
         raw = [t or "" for t in tokenizer.convert_ids_to_tokens(ids)]
-        return cls.from_strings(pieces, raw, set(tokenizer.all_special_ids))
+        return cls.from_strings(pieces, raw, set(tokenizer.all_special_ids), token_bytes(tokenizer))
 
     def flags(self, tokens: np.ndarray) -> np.ndarray:
         """flags[i] is True when a sentence ends at tokens[i] (the cut may come right after it)."""
         flags = self.always[tokens]
         flags[:-1] |= self.ends_sentence[tokens[:-1]] & self.starts_space[tokens[1:]]
+        # the last TAIL bytes of the text up to each token, from its own tail and its two predecessors'
+        n = len(tokens)
+        ends, length = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        for back in range(TAIL):
+            value, size = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+            value[back:], size[back:] = self.tail[tokens[: n - back]], self.tail_len[tokens[: n - back]]
+            short = length < TAIL  # still fewer than TAIL bytes gathered at this position
+            ends[short] |= value[short] << (8 * length[short])
+            length[short] += size[short]
+        flags |= np.isin(ends & ((1 << (8 * TAIL)) - 1), WIDE_CODES)
         return flags
 
 

@@ -194,6 +194,7 @@ class _DocumentTable:
 class Prepare(Stage):
     name = "prepare"
     config = PrepareConfig
+    version = 2  # special-token strings in text are text; full-width sentence ends are boundaries
 
     def inputs(self, config: PrepareConfig, log) -> dict:
         files = expand_inputs(_input_specs(config, log))
@@ -234,7 +235,9 @@ class Prepare(Stage):
 
         def pack(batch: list[Document]) -> None:
             nonlocal doc_index
-            encoded = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]
+            # split_special_tokens: a literal "<|im_end|>" in a document is text, not a document boundary
+            encoded = tokenizer([d.text for d in batch], add_special_tokens=False,
+                                split_special_tokens=True)["input_ids"]
             for doc, ids in zip(batch, encoded):
                 split = assign_split(split_point(config.seed, doc.doc_id), doc.domain, config.splits)
                 for instance in packers[split].add(ids, doc.domain, doc_index):
@@ -288,6 +291,11 @@ class Prepare(Stage):
         packed = sum(c.documents for c in domains.values())
         skipped = sum(c.skipped for c in domains.values())
         assert read == packed + skipped, "document accounting is broken"
+        if packed == 0:
+            names = ", ".join(f["path"] for f in inputs["files"][:5]) + (" ..." if len(inputs["files"]) > 5 else "")
+            why = "; ".join(f"{n} {reason}" for reason, n in skip_reasons.items()) or "no records"
+            raise ValueError(f"nothing to pack: the inputs ({names}) held {read:,} documents, none usable ({why}); "
+                             f"check the paths and --text-field")
         _warn_empty_splits(config, splits_summary, log)
         return dict(
             tokenizer={"spec": config.tokenizer, "fingerprint": inputs["tokenizer"], "class": type(tokenizer).__name__,

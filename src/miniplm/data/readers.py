@@ -36,6 +36,7 @@ SKIP_FIXES = {
     "bad_json": "fix the line so that it is one JSON object",
     "missing_field": "add the field, or point --text-field/--domain-field/--id-field at the right one",
     "not_text": "store the text field as a string",
+    "lone_surrogate": "write the character the \\uD8xx escape belongs to with its pair (or as UTF-8), or remove it",
     "unreadable_file": "replace the file with a readable one, or remove it from the inputs",
 }
 
@@ -176,6 +177,11 @@ def _document(file: InputFile, record: dict, index: int, fields: Fields) -> Docu
         return Document(None, domain, file.path, index, doc_id, "not_text", f"'{fields.text}' is {type(text).__name__}")
     if not text.strip():
         return Document(None, domain, file.path, index, doc_id, "empty", "empty or whitespace-only text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a JSON \ud800 escape without its pair: no tokenizer can take it
+        return Document(None, domain, file.path, index, doc_id, "lone_surrogate",
+                        f"character {exc.start} is a lone surrogate ({text[exc.start]!a})")
     return Document(text, domain, file.path, index, doc_id)
 
 
@@ -197,12 +203,12 @@ def read_jsonl(file: InputFile, fields: Fields, on_bytes: Callable[[int], None])
             if not line.strip():
                 continue  # blank lines separate nothing in jsonl; they are not documents
             bad = Document(None, file.domain or fields.default_domain, file.path, line_no, f"{file.path}:{line_no}")
-            try:
-                record = json.loads(line.decode("utf-8"))
+            try:  # a byte-order mark may open the file (utf-8-sig)
+                record = json.loads(line.decode("utf-8-sig" if line_no == 1 else "utf-8"))
             except UnicodeDecodeError as exc:
                 bad.skip, bad.detail = "invalid_utf8", f"byte {exc.start}: {exc.reason}"
-            except json.JSONDecodeError as exc:
-                bad.skip, bad.detail = "bad_json", f"{exc.msg} at column {exc.colno}"
+            except json.JSONDecodeError as exc:  # some messages end in "at" ("Invalid control character at")
+                bad.skip, bad.detail = "bad_json", f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
             else:
                 if isinstance(record, dict):
                     yield _document(file, record, line_no, fields)
@@ -255,7 +261,7 @@ def read_txt(file: InputFile, fields: Fields, on_bytes: Callable[[int], None]) -
         doc.skip, doc.detail = "binary", "contains NUL bytes"
     else:
         try:
-            doc.text = data.decode("utf-8")
+            doc.text = data.decode("utf-8-sig")  # without a leading byte-order mark
         except UnicodeDecodeError as exc:
             doc.skip, doc.detail = "invalid_utf8", f"byte {exc.start}: {exc.reason}"
         else:

@@ -75,6 +75,7 @@ def _rows(selection: Path, subset: str) -> Iterator[dict]:
 class Export(Stage):
     name = "export"
     config = ExportConfig
+    version = 2  # special-token strings in text are encoded as text
 
     def inputs(self, config: ExportConfig, log) -> dict:
         return {"selection": _selection_manifest(config)["key"],
