@@ -207,6 +207,13 @@ def config_run_student_data(e: Env) -> str:
     return e.cli("run", "students=[{name: a, data: nope}]")
 
 
+def config_run_empty_eval_split(e: Env) -> str:
+    raw = make_corpus(e.tmp / "raw", n_docs=40)  # domains news and books: no wikipedia for heldout_hq
+    return e.cli("run", f"output={e.tmp / 'run'}", f"teacher={e.model}", f"prepare.inputs=[{raw}]",
+                 f"prepare.tokenizer={e.tokenizer}", "prepare.max_len=64", "prepare.progress=false",
+                 "prepare.splits.heldout.fraction=0.2")
+
+
 def config_whole_domain_split(e: Env) -> str:
     return e.cli("prepare", "splits.ref.fraction=1")
 

@@ -13,7 +13,7 @@ import yaml
 from conftest import make_corpus, save_tiny_llama
 from miniplm.cli import main
 from miniplm.core.config import ConfigError, load_config
-from miniplm.pipeline import RunConfig
+from miniplm.pipeline import Pipeline, RunConfig
 
 
 def run_yaml(tmp_path, tokenizer_dir) -> dict:
@@ -154,8 +154,6 @@ def test_run_config_refusals(tmp_path, tokenizer_dir):
 
 
 def test_seeds_vary_random_draws_and_group_students_into_arms(tmp_path, tokenizer_dir):
-    from miniplm.pipeline import Pipeline
-
     base = run_yaml(tmp_path, tokenizer_dir)
     students = [{"name": f"{arm}-s{seed}", "model": "qwen2-tiny", "data": data, "train": {"seed": seed}}
                 for seed in (10, 2) for arm, data in (("no-kd", "all"), ("random", "random-mix"), ("mp", "miniplm"))]
@@ -170,3 +168,24 @@ def test_seeds_vary_random_draws_and_group_students_into_arms(tmp_path, tokenize
     assert [pipeline.arm(s) for s in pipeline.config.students] == [
         ("no-kd-s10", 10), ("random-s10", 10), ("mp-s10", 10), ("no-kd-s10", 2), ("random-s10", 2), ("mp-s10", 2)]
     assert pipeline.report_config().paired[3] == "no-kd-s2:no-kd-s10:2"
+
+
+def test_a_corpus_without_the_evaluation_domain_is_refused_right_after_prepare(tmp_path, tokenizer_dir, capsys):
+    """A user's own corpus (domains news and books, no wikipedia) with the default splits: heldout_hq is empty,
+    so the run stops after prepare, before the reference, scoring or any student, saying what to do."""
+    base = run_yaml(tmp_path, tokenizer_dir)
+    del base["prepare"]["splits"]  # the defaults: heldout_hq takes wikipedia only
+    config_file = tmp_path / "mine.yaml"
+    config_file.write_text(yaml.safe_dump({**base, "eval": {**base["eval"], "final_splits": ["heldout",
+                                                                                            "heldout_unseen"]}}))
+    assert main(["run", str(config_file)]) == 2
+    err = capsys.readouterr().err
+    assert "eval.split: 'heldout_hq' is empty in" in err and "no document has one of its domains: wikipedia" in err
+    assert "heldout (" in err and "eval.split=NAME" in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["corpus", "run_config.json"]
+
+    base["eval"]["split"] = "heldout"  # the whole-mix sample exists: the run goes on, the empty split left out
+    pipeline = Pipeline(load_config(RunConfig, None, {**base, "eval": {**base["eval"], "final_splits": [
+        "heldout_unseen"]}}))
+    pipeline.check_eval_splits()
+    assert pipeline.eval_splits() == ["heldout"]

@@ -176,6 +176,7 @@ class Step:
     label: str
     stage: Stage
     config: Callable[[], Any]
+    check: Callable[[], None] | None = None  # run after the stage: refuses what the stages after it cannot do
 
 
 class Pipeline:
@@ -231,7 +232,8 @@ class Pipeline:
     # -- the stages and their configs ------------------------------------------------------------------
     def steps(self) -> list[Step]:
         c = self.config
-        steps = [Step("prepare", Prepare(), lambda: dataclasses.replace(c.prepare, output=str(self.corpus))),
+        steps = [Step("prepare", Prepare(), lambda: dataclasses.replace(c.prepare, output=str(self.corpus)),
+                      self.check_eval_splits),
                  *(Step(f"tokenizer train {name}", TrainTokenizer(), functools.partial(self.tokenizer_config, name))
                    for name in c.tokenizers),
                  Step("train reference (D_ref)", Train(), lambda: dataclasses.replace(
@@ -324,9 +326,33 @@ class Pipeline:
                                output=str(run / "evaluation"))
 
     def eval_splits(self) -> list[str]:
-        """The held-out splits every model and level is measured on: the curve's split first."""
+        """The held-out splits every model and level is measured on: the curve's split first, then each of
+        `final_splits` that the prepared corpus holds instances of."""
         e = self.config.eval
-        return list(dict.fromkeys([e.split, *e.final_splits]))
+        held = self._split_sizes()
+        return list(dict.fromkeys([e.split, *(s for s in e.final_splits if held.get(s))]))
+
+    def _split_sizes(self) -> dict[str, int]:
+        manifest = read_manifest(self.corpus) or {}
+        return {name: facts.get("instances", 0) for name, facts in manifest.get("splits", {}).items()}
+
+    def check_eval_splits(self) -> None:
+        """Refuse, right after prepare, a run whose evaluation split is empty (before hours of scoring and
+        training fail on it); drop empty `final_splits` with a warning."""
+        e, held = self.config.eval, self._split_sizes()
+        if not held.get(e.split):
+            state = "is empty" if e.split in held else "does not exist"
+            usable = ", ".join(f"{name} ({n:,} instances)" for name, n in held.items() if n and name not in
+                               ("train", "ref")) or "none besides train and ref"
+            domains = (getattr(self.config.prepare.splits.get(e.split), "domains", None) or [])
+            why = f" (no document has one of its domains: {', '.join(domains)})" if domains else ""
+            raise ConfigError(f"eval.split: '{e.split}' {state} in {self.corpus}{why}; held-out splits with "
+                              f"instances: {usable}. Choose one with eval.split=NAME, or give the split your own "
+                              f"domains with prepare.splits.{e.split}.domains=[...]")
+        for name in e.final_splits:
+            if not held.get(name):
+                self.echo(f"        warning: eval.final_splits: '{name}' has no instances in {self.corpus}; "
+                          f"it is left out of the evaluations")
 
     def reference_points_config(self) -> ReferencePointsConfig:
         e, c = self.config.eval, self.config
@@ -363,6 +389,8 @@ class Pipeline:
                 self.echo(f"[{i:2d}/{len(steps)}] {step.label} ...")
                 try:
                     result = execute(step.stage, step.config(), self.force, log=messages.append)
+                    if step.check is not None:
+                        step.check()
                 except BaseException:
                     for message in messages:
                         self.echo(f"        {message}")
