@@ -114,3 +114,28 @@ def test_full_width_sentence_ends_are_boundaries_even_split_over_byte_tokens(tok
     for i in range(10):
         packer.add(tok(text * 10, add_special_tokens=False)["input_ids"], "cjk", i)
     assert packer.stats.hard_cuts == 0
+
+
+def test_hard_cuts_fall_between_characters_and_a_split_character_counts_as_lossy(tokenizer_dir):
+    """A byte-level vocabulary trained on English spells each CJK character in three tokens: a chunk with
+    no sentence boundary is cut where a character ends, so no instance decodes to U+FFFD; a piece that does
+    split a character is counted lossy when re-tokenized, although the student round-trips its U+FFFD."""
+    from transformers import AutoTokenizer
+
+    from miniplm.core.tokens import Retokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    table = BoundaryTable.from_tokenizer(tok)
+    text = "漢字仮名交じり文" * 40 + "🙂" * 20  # no sentence end anywhere: every cut is a hard one
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    packer = Packer(max_len=31, boundaries=table, eos_id=tok.eos_token_id)
+    instances = packer.add(ids, "cjk", 0) + packer.flush()
+    assert packer.stats.hard_cuts > 10 and packer.stats.split_characters == 0
+    assert all("\ufffd" not in tok.decode(x.tokens.tolist()) for x in instances)
+    assert "".join(tok.decode(x.tokens.tolist()) for x in instances) == text + "<|endoftext|>"
+
+    retokenize = Retokenizer(tok, tok.eos_token_id, tok, 64, "no")
+    retokenize(np.array(ids[:30]))  # whole characters
+    assert (retokenize.pieces, retokenize.lossy) == (1, 0)
+    retokenize(np.array(ids[:31]))  # the 31st token is the first third of a character
+    assert (retokenize.pieces, retokenize.lossy) == (2, 1)

@@ -28,7 +28,12 @@ def vocab_fingerprint(tokenizer) -> str:
 
 
 class Retokenizer:
-    """Corpus token ids -> student token ids, one instance to one instance."""
+    """Corpus token ids -> student token ids, one instance to one instance.
+
+    A piece (a document, or the part of one in an instance) counts as lossy when the student's tokens do not
+    spell its source text: when the source tokens decode to something else than the bytes they stand for (an
+    instance cut inside a character decodes to U+FFFD), or when the student's decode(encode(text)) differs.
+    """
 
     def __init__(self, source, source_eos: int, student, max_len: int, add_bos: str):
         self.source, self.source_eos, self.student, self.max_len = source, source_eos, student, max_len
@@ -40,25 +45,31 @@ class Retokenizer:
         if add_bos == "yes" and bos is None:
             raise ValueError("add_bos: yes, but the student tokenizer has no BOS token")
         self.pieces = self.lossy = 0
+        self.source_bytes = token_bytes(source)
 
-    def pieces_of(self, tokens: np.ndarray) -> list[tuple[str, bool]]:
-        """(decoded text, ended with EOS) for each document or piece of an instance."""
+    def pieces_of(self, tokens: np.ndarray) -> list[tuple[str, bool, bool]]:
+        """(decoded text, ended with EOS, the text is exactly the source tokens' bytes) for each document or
+        piece of an instance."""
         ends = np.flatnonzero(tokens == self.source_eos)
         bounds = zip([0, *(ends + 1)], [*ends, len(tokens)])
         out = []
         for a, b in bounds:
             closed = b < len(tokens) and tokens[b] == self.source_eos
             if b > a or closed:
-                out.append((self.source.decode(tokens[a:b].tolist()), bool(closed)))
+                text = self.source.decode(tokens[a:b].tolist())
+                exact = b"".join(self.source_bytes[t] for t in tokens[a:b])
+                # SentencePiece decoders drop the space of a leading '▁'
+                faithful = text.encode("utf-8") in (exact, exact.removeprefix(b" "))
+                out.append((text, bool(closed), faithful))
         return out
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         ids = [] if self.bos is None else [self.bos]
-        for text, closed in self.pieces_of(tokens):
+        for text, closed, faithful in self.pieces_of(tokens):
             encoded = self.student(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] \
                 if text else []
             self.pieces += 1
-            if text and self.student.decode(encoded) != text:
+            if not faithful or (text and self.student.decode(encoded) != text):
                 self.lossy += 1
             ids += encoded + ([self.student.eos_token_id] if closed else [])
         return np.asarray(ids[: self.max_len + 1], dtype=np.int64)

@@ -52,7 +52,7 @@ def documents(corpus: PackedCorpus, split: str, max_instances: int | None) -> It
     instances = corpus.split(split)
     n = len(instances) if max_instances is None else min(max_instances, len(instances))
     for i in range(n):
-        for text, _ in pieces.pieces_of(instances[i]):
+        for text, _, _ in pieces.pieces_of(instances[i]):
             if text:
                 yield text
 

@@ -36,6 +36,7 @@ class BoundaryTable:
     starts_space: np.ndarray  # bool: begins with whitespace
     tail: np.ndarray  # int64: the token's last (up to TAIL) bytes as a big-endian number
     tail_len: np.ndarray  # int64: how many bytes `tail` holds
+    pieces: list[bytes]  # each token's bytes, to cut a boundary-less chunk between characters
 
     @classmethod
     def from_strings(cls, pieces: list[str], raw_pieces: list[str], special_ids: set[int],
@@ -48,15 +49,16 @@ class BoundaryTable:
         starts = np.zeros(n, dtype=bool)
         tail = np.zeros(n, dtype=np.int64)
         tail_len = np.zeros(n, dtype=np.int64)
+        piece_bytes = piece_bytes if piece_bytes is not None else [p.encode("utf-8") for p in pieces]
         for i, (piece, raw) in enumerate(zip(pieces, raw_pieces)):
             stripped = piece.rstrip()
             always[i] = i in special_ids or "\n" in piece or (stripped != piece and stripped.endswith(SENTENCE_END))
             ends[i] = piece.endswith(SENTENCE_END)
             starts[i] = piece[:1].isspace() or raw[:1] in ("Ġ", "▁", " ")
             if i not in special_ids:
-                end = (piece_bytes[i] if piece_bytes is not None else piece.encode("utf-8"))[-TAIL:]
+                end = piece_bytes[i][-TAIL:]
                 tail[i], tail_len[i] = int.from_bytes(end, "big"), len(end)
-        return cls(always, ends, starts, tail, tail_len)
+        return cls(always, ends, starts, tail, tail_len, piece_bytes)
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> BoundaryTable:
@@ -81,6 +83,15 @@ class BoundaryTable:
         flags |= np.isin(ends & ((1 << (8 * TAIL)) - 1), WIDE_CODES)
         return flags
 
+    def ends_a_character(self, tokens: np.ndarray) -> bool:
+        """Whether the text of `tokens` (its last few are enough) ends between two UTF-8 characters."""
+        tail = b"".join(self.pieces[t] for t in tokens[-4:])[-4:]
+        for back in range(1, len(tail) + 1):
+            byte = tail[-back]
+            if byte & 0xC0 != 0x80:  # not a continuation byte: the last character starts here
+                return back == (1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4)
+        return not tail
+
 
 @dataclass
 class Instance:
@@ -96,7 +107,8 @@ class PackingStats:
     dropped_tokens: int = 0  # tokens in chunks of <= 1 token
     truncated_documents: int = 0  # documents cut short by max_chunks_per_document
     truncated_tokens: int = 0
-    hard_cuts: int = 0  # chunks with no sentence boundary, cut at max_len + 1
+    hard_cuts: int = 0  # chunks with no sentence boundary, cut at max_len + 1 or just before (between characters)
+    split_characters: int = 0  # hard cuts that found no place between characters within three tokens
 
 
 class _Buffer:
@@ -167,7 +179,7 @@ class Packer:
             if len(ends):
                 cut = int(ends[-1]) + 1
             else:
-                cut = window
+                cut = self._between_characters(buffer.tokens[buffer.start : buffer.start + window])
                 self.stats.hard_cuts += 1
             self._emit(out, *buffer.take(cut), domain)
             if self.max_chunks is not None and len(out) >= self.max_chunks and len(buffer):
@@ -186,6 +198,15 @@ class Packer:
                 self._emit(out, *buffer.take(len(buffer)), domain)
         self.buffers.clear()
         return out
+
+    def _between_characters(self, chunk: np.ndarray) -> int:
+        """A hard cut: at the full window, or up to three tokens earlier where that keeps a character whole
+        (a byte-level vocabulary spells a CJK character or an emoji in two to four tokens)."""
+        for cut in range(len(chunk), max(len(chunk) - 4, 1), -1):
+            if self.boundaries.ends_a_character(chunk[:cut]):
+                return cut
+        self.stats.split_characters += 1
+        return len(chunk)
 
     def _emit(self, out: list[Instance], tokens: np.ndarray, docs: np.ndarray, domain: str) -> None:
         if len(tokens) <= 1:
