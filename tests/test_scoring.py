@@ -191,3 +191,34 @@ def test_compiled_model_equals_eager(tiny_model_dir, prepared_corpus, tmp_path, 
         table = read_scores(tmp_path / str(compile))
         per_token.append(table.column("logp_sum").to_numpy() / table.column("n_scored").to_numpy())
     assert np.abs(per_token[0] - per_token[1]).max() < (1e-5 if precision == "fp32" else 3e-4)
+
+def test_recompiling_families_score_eagerly_and_a_recompile_storm_falls_back(tiny_model_dir, prepared_corpus,
+                                                                              monkeypatch):
+    """Mamba's layers make torch.compile rebuild a graph for every new sequence width (114x slower than eager,
+    bench/compile.py): they are not compiled. Any other family whose compiled code keeps building graphs
+    after the first batch goes back to eager, saying so, with the same scores."""
+    from transformers import AutoModelForCausalLM
+
+    from miniplm.scoring import scorer as scoring
+    from miniplm.training.presets import build_config
+
+    corpus = PackedCorpus(prepared_corpus)
+    tokenizer = corpus.load_tokenizer()
+    instances = [corpus.split("train")[i][: 20 + 7 * i] for i in range(6)]  # six widths
+    mamba = AutoModelForCausalLM.from_config(build_config("mamba-tiny", len(tokenizer), 65, corpus.eos_id,
+                                                          tokenizer.pad_token_id)).eval()
+    logs = []
+    compiled = scoring.LogProbScorer(mamba, {corpus.eos_id}, None, log=logs.append, compile=True)
+    eager = scoring.LogProbScorer(mamba, {corpus.eos_id}, None, log=lambda m: None)
+    assert any("mamba: scoring eagerly" in m for m in logs) and compiled.compiled_layers is None
+    assert all(np.array_equal(compiled.score([x])[0], eager.score([x])[0]) for x in instances)
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    logs = []
+    storm = scoring.LogProbScorer(llama, {corpus.eos_id}, None, log=logs.append, compile=True)
+    assert storm.compiled_layers  # compiled, then every batch seems to build more graphs than allowed:
+    monkeypatch.setattr(scoring, "_graphs_built", lambda: storm.graphs_after_probe + scoring.GRAPH_STORM + 1)
+    reference = scoring.LogProbScorer(llama, {corpus.eos_id}, None, log=lambda m: None)
+    got = [storm.score([x])[0] for x in instances]
+    assert any("scoring eagerly from here" in m for m in logs) and storm.compiled_layers is None
+    assert np.abs(np.concatenate(got) - np.concatenate([reference.score([x])[0] for x in instances])).max() < 1e-4

@@ -41,6 +41,11 @@ def default_head_chunk(device: torch.device) -> int:
 
 
 WIDTH_PROBE = 32  # positions of the batch that compiles the model
+# families whose layers torch.compile rebuilds for every new sequence width (Mamba's scan branches on it):
+# 114x slower than eager on 27 instances, and the output layer alone did not pay its compile time either
+# (bench/compile.py): they are scored eagerly
+RECOMPILING_FAMILIES = {"mamba", "mamba2", "falcon_mamba"}
+GRAPH_STORM = 6  # graphs built after the probe batch beyond which compiling is given up for eager
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -72,6 +77,8 @@ class LogProbScorer:
             log(f"{type(model).__name__}: its logits are not lm_head(hidden states); scoring from full logits")
         self.head_logp = _head_logp
         self.min_rows = 1
+        self.compiled_layers: list[torch.nn.Module] | None = None  # while compiled: what to undo on a storm
+        self.graphs_after_probe = 0
         if self.chunked_head:
             dtype = autocast_dtype or self.head.weight.dtype
             self.head_weight = self.head.weight.detach().to(dtype)
@@ -84,6 +91,11 @@ class LogProbScorer:
         """torch.compile the output layer's log-softmax and, in place (nn.Module.compile, the state dict
         unchanged), each decoder layer; both dynamic in the batch shape. Compiled on a probe batch, so that a
         failure (no C++ compiler on a CPU, no Triton on a GPU) shows here: then eager, with a message."""
+        family = getattr(self.model.config, "model_type", "")
+        if family in RECOMPILING_FAMILIES:
+            self.log(f"{family}: scoring eagerly (torch.compile rebuilds its layers for every new sequence "
+                     f"width, which costs more than it saves)")
+            return
         layers = decoder_layers(self.model)
         for layer in layers:
             layer.compile(dynamic=True)
@@ -94,13 +106,26 @@ class LogProbScorer:
         try:
             self._score([np.arange(WIDTH_PROBE + 1) % vocab])
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run the same code eagerly
-            for layer in layers:
-                layer._compiled_call_impl = None  # what nn.Module.compile set: back to the eager forward
-            self.head_logp, self.min_rows = _head_logp, 1
+            self._eager(layers)
             self.log(f"compiling the model failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                     "scoring eagerly (the same scores up to bf16 rounding, slower)")
+                     "scoring eagerly (scores within bf16 rounding of the compiled ones, slower)")
             return
+        self.compiled_layers, self.graphs_after_probe = layers, _graphs_built()
         self.log(f"compiled {len(layers)} decoder layers" + (" and the output layer" if self.chunked_head else ""))
+
+    def _eager(self, layers: list[torch.nn.Module]) -> None:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set: back to the eager forward
+        self.head_logp, self.min_rows, self.compiled_layers = _head_logp, 1, None
+
+    def _watch_recompiles(self) -> None:
+        """Give up compiling when torch.compile keeps building graphs for new shapes (a recompilation storm:
+        each costs seconds, more than the compiled code saves)."""
+        built = _graphs_built() - self.graphs_after_probe
+        if built > GRAPH_STORM:
+            self._eager(self.compiled_layers)
+            self.log(f"torch.compile built {built} more graphs after the first batch (the model specialises on "
+                     f"input shapes); scoring eagerly from here (scores within bf16 rounding)")
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -119,7 +144,10 @@ class LogProbScorer:
     def score(self, instances: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(logp_sum float64 [B], n_scored int64 [B]); halves the batch and retries on out-of-memory."""
         try:
-            return self._score(instances)
+            result = self._score(instances)
+            if self.compiled_layers is not None:
+                self._watch_recompiles()
+            return result
         except (RuntimeError, *_OOM) as exc:
             if not is_oom(exc) or len(instances) == 1:
                 raise
@@ -167,6 +195,13 @@ class LogProbScorer:
         per_position[scored] = logp.double()
         sums, counts = per_position.sum(1)[:rows], scored.sum(1)[:rows]
         return sums.cpu().numpy(), counts.cpu().numpy().astype(np.int64)
+
+
+def _graphs_built() -> int:
+    """Graphs torch.compile has built in this process."""
+    from torch._dynamo.utils import counters  # torch's compiler internals: imported only when compiling
+
+    return int(counters["stats"].get("unique_graphs", 0))
 
 
 def _logp_of(logits: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
