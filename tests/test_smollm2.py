@@ -45,3 +45,16 @@ def test_prepare_with_the_default_tokenizer(tmp_path):
     split = PackedSplit(tmp_path / "out" / "train", "uint16")
     assert len(split) > 0 and all(len(split[i]) <= 65 for i in range(len(split)))
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["documents"]["read"] == 60
+
+
+def test_cjk_text_is_cut_at_its_sentence_ends(smollm2):
+    """A 3,000-character Chinese document at max_len 64: its 。！？； are boundaries (SmolLM2 spells ！？； in
+    two byte tokens each), so chunks end at sentence ends, not hard cuts (81 hard cuts before)."""
+    from miniplm.data.packing import Packer
+
+    sentences = ["这是第一个句子。", "今天天气很好！", "你吃饭了吗？", "是的；我吃了。", "我们明天见面。"]
+    text = "".join(sentences[i % len(sentences)] for i in range(400))[:3000]
+    packer = Packer(max_len=64, eos_id=smollm2.eos_token_id, boundaries=BoundaryTable.from_tokenizer(smollm2))
+    instances = packer.add(smollm2(text, add_special_tokens=False)["input_ids"], "zh", 0) + packer.flush()
+    assert packer.stats.hard_cuts == 0 and len(instances) > 20
+    assert all(smollm2.decode(x.tokens.tolist()).endswith(("。", "！", "？", "；", "<|im_end|>")) for x in instances)
