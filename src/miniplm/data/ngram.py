@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from miniplm.core.metrics import loss_summary, scored_bytes
-from miniplm.core.tokens import masked_input_ids, scored_targets, token_byte_lengths
+from miniplm.core.tokens import masked_id_array, scored_targets, token_byte_lengths
 from miniplm.data.shards import PackedCorpus
 
 ORDERS = (1, 2)
@@ -117,6 +117,12 @@ def instance_losses(model, instances: Sequence[np.ndarray], masked: np.ndarray) 
             np.bincount(owner, minlength=len(instances)))
 
 
+def heldout_level(model, instances: Sequence[np.ndarray], masked: np.ndarray, nbytes: np.ndarray) -> dict:
+    """The loss summary of a fitted n-gram model on held-out instances (whose scored bytes are `nbytes`),
+    with the model's own facts (smoothing, discount, tokens fitted on)."""
+    return {**loss_summary(*instance_losses(model, instances, masked), nbytes), **model.facts}
+
+
 NAMES = {1: "unigram", 2: "bigram"}
 
 
@@ -126,7 +132,7 @@ def diagnostic(corpus: PackedCorpus, split: str, fits: dict[str, np.ndarray], ev
     of `split` (say the pool and the kept half), the held-out loss on each of `eval_splits` of the unigram and
     bigram models fitted on that set. {eval split: {set: {unigram: summary, bigram: summary}}}."""
     tokenizer = corpus.load_tokenizer()
-    masked = np.array(sorted(masked_input_ids(corpus.eos_id, tokenizer)))
+    masked = masked_id_array(corpus.eos_id, tokenizer)
     byte_lengths = token_byte_lengths(tokenizer, corpus.eos_id)
     source = corpus.split(split)
     models = {name: {NAMES[order]: fit(order, [source[int(i)] for i in indices], len(tokenizer), masked)
@@ -137,7 +143,6 @@ def diagnostic(corpus: PackedCorpus, split: str, fits: dict[str, np.ndarray], ev
         n = len(heldout) if max_instances is None else min(max_instances, len(heldout))
         instances = [heldout[i] for i in range(n)]
         nbytes = scored_bytes(instances, masked, byte_lengths)
-        found[name] = {fitted: {level: {**loss_summary(*instance_losses(model, instances, masked), nbytes),
-                                        **model.facts} for level, model in levels.items()}
-                       for fitted, levels in models.items()}
+        found[name] = {fitted: {level: heldout_level(model, instances, masked, nbytes)
+                                for level, model in levels.items()} for fitted, levels in models.items()}
     return found

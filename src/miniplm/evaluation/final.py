@@ -19,9 +19,8 @@ from miniplm.core.manifest import read_manifest, write_json_atomic
 from miniplm.core.models import load_causal_lm
 from miniplm.core.stage import Stage
 from miniplm.core.tokenizer import load_tokenizer, source_fingerprint
-from miniplm.core.tokens import Retokenizer
-from miniplm.data.ngram import NAMES as NGRAM_NAMES
-from miniplm.data.ngram import check_orders
+from miniplm.core.tokens import Retokenizer, masked_id_array
+from miniplm.data import ngram
 from miniplm.data.shards import PackedCorpus
 from miniplm.evaluation.loss import HeldOut, describe, heldout_loss, ngram_loss
 from miniplm.evaluation.tasks import EvalTasksConfig, evaluate_tasks
@@ -93,7 +92,7 @@ class ReferencePointsConfig(Progress):
         if not self.splits:
             raise ConfigError("splits: name at least one held-out split")
         try:
-            check_orders(self.orders, "orders")
+            ngram.check_orders(self.orders, "orders")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -130,15 +129,15 @@ class ReferencePoints(Stage):
             retokenize = Retokenizer(source, corpus.eos_id, tokenizer, max_len, "auto")
             vocabularies.append((f" [{name}]", tokenizer, [retokenize(x) for x in fit_on],
                                  int(tokenizer.eos_token_id)))
+        ngrams = [(ngram.NAMES[order] + suffix, ngram.fit(order, instances, len(tokenizer),
+                                                          masked_id_array(eos, tokenizer)), tokenizer, eos)
+                  for suffix, tokenizer, instances, eos in vocabularies for order in config.orders]
         models = {who: (load_causal_lm(path), load_tokenizer(path))
                   for who, path in (("teacher", config.teacher), ("reference", config.reference)) if path}
         levels = {}
         for split in config.splits:
             heldout = HeldOut(corpus, split, config.max_instances)
-            found = {}
-            for suffix, tokenizer, instances, eos in vocabularies:
-                for order in config.orders:
-                    found[NGRAM_NAMES[order] + suffix] = ngram_loss(order, instances, heldout, tokenizer, eos)
+            found = {name: ngram_loss(model, heldout, tokenizer, eos) for name, model, tokenizer, eos in ngrams}
             for who, (model, tokenizer) in models.items():
                 found[who] = heldout_loss(model, tokenizer, heldout, show_progress=config.progress)
             for who, summary in found.items():

@@ -28,7 +28,13 @@ from miniplm.core.manifest import read_manifest, read_plan, write_json_atomic
 from miniplm.core.metrics import half_width, loss_summary, scored_bytes
 from miniplm.core.models import quiet_transformers, resolve_device, resolve_precision
 from miniplm.core.progress import progress
-from miniplm.core.tokens import Retokenizer, masked_input_ids, token_byte_lengths, vocab_fingerprint
+from miniplm.core.tokens import (
+    Retokenizer,
+    masked_id_array,
+    masked_input_ids,
+    token_byte_lengths,
+    vocab_fingerprint,
+)
 from miniplm.data import ngram
 from miniplm.data.shards import PackedCorpus, PackedSplit
 from miniplm.scoring.plan import plan_batches, plan_parts
@@ -85,8 +91,7 @@ class HeldOut:
                 max_len = self.corpus.manifest["max_len"]
                 retokenize = Retokenizer(self._tokenizer, self.corpus.eos_id, tokenizer, max_len, "auto")
                 instances, eos = [retokenize(x) for x in self.instances], int(tokenizer.eos_token_id)
-            masked = np.array(sorted(masked_input_ids(eos, tokenizer)))
-            nbytes = scored_bytes(instances, masked, token_byte_lengths(tokenizer, eos))
+            nbytes = scored_bytes(instances, masked_id_array(eos, tokenizer), token_byte_lengths(tokenizer, eos))
             self._cache[key] = (instances, eos, nbytes)
         return self._cache[key]
 
@@ -117,14 +122,11 @@ def heldout_loss(model, tokenizer, heldout: HeldOut, precision: str = "auto", ba
     return summary
 
 
-def ngram_loss(order: int, fit_on: list[np.ndarray], heldout: HeldOut, tokenizer, eos_id: int) -> dict:
-    """Held-out loss of an n-gram model (`miniplm.data.ngram`) fitted on `fit_on` (instances in `tokenizer`'s
-    ids): the level a model trained on those instances must beat."""
-    masked = np.array(sorted(masked_input_ids(eos_id, tokenizer)))
-    model = ngram.fit(order, fit_on, len(tokenizer), masked)
+def ngram_loss(model, heldout: HeldOut, tokenizer, eos_id: int) -> dict:
+    """Held-out loss of an n-gram model (`miniplm.data.ngram.fit`, on instances in `tokenizer`'s ids): the
+    level a model trained on those instances must beat."""
     instances, _ = heldout.for_tokenizer(tokenizer)
-    nats, counts = ngram.instance_losses(model, instances, masked)
-    return {**loss_summary(nats, counts, heldout.scored_bytes(tokenizer)), **model.facts}
+    return ngram.heldout_level(model, instances, masked_id_array(eos_id, tokenizer), heldout.scored_bytes(tokenizer))
 
 
 def _checkpoints(run: Path) -> list[tuple[int, Path]]:

@@ -309,7 +309,7 @@ class Train(Stage):
         best = _best_validation(output)
         source = output / BEST if best else _latest_checkpoint(output)
         shutil.copytree(source, final, ignore=shutil.ignore_patterns("trainer.pt"))
-        curve = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        curve = _read_rows(output / "metrics.jsonl")
         trained_tokens = int(split.table.column("n_tokens").to_numpy()[training].sum())
         epochs = tokens_seen / max(trained_tokens, 1)
         if epochs > 1.001:
