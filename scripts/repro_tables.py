@@ -22,7 +22,7 @@ import numpy as np
 
 from miniplm.evaluation.final import POINTS_FILE, SPLITS_FILE, TASKS_FILE
 from miniplm.evaluation.report import cost_rows
-from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, read_curve
+from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, measured_saving, read_curve
 
 STUDENT_FILES = ("eval.jsonl", "metrics.jsonl", TASKS_FILE, SPLITS_FILE, "manifest.json")
 STAGE_FILES = {"scores/teacher": ("manifest.json",), "scores/reference": ("manifest.json",),
@@ -145,9 +145,11 @@ def render(results: Path) -> str:
     out += ["", f"Examples per task: {', '.join(str(x) for x in limit) or '-'}. Chance: 25% (hellaswag, arc, "
             "openbookqa), 50% (piqa, winogrande), 33% (social_iqa), ~0% (lambada).", ""]
 
-    out += ["### Compute saving against no-KD of the same model (from fitted L(C) = A C^-a + L_inf)", "",
-            "| student | baseline | final loss | fit A | alpha | L_inf | fit RMSE | compute saving |",
-            "|---|---|---|---|---|---|---|---|"]
+    out += ["### Compute saving against no-KD of the same model", "",
+            "Fitted: from L(C) = A C^-a + L_inf fitted to each curve. Measured: read off the measured points at the "
+            "loss both runs reach, interpolated between the two points that bracket it, never extrapolated.", "",
+            "| student | baseline | final loss | fit A | alpha | L_inf | fit RMSE | fitted saving | measured saving |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         spec = row["spec"]
         if not spec or spec.get("data") == "all" and spec.get("kd") == "none":
@@ -171,8 +173,10 @@ def render(results: Path) -> str:
         needed = fit.compute_for(target)
         if math.isfinite(needed) and needed > 2 * row["curve"][-1]["flops"]:
             shown += " (extrapolated past its last point)"
+        measured = measured_saving(read_curve(results / "students" / baseline), read_curve(results / "students" / name))
         out.append(f"| {name} | {baseline} | {row['curve'][-1]['loss_per_token']:.4f} | {fit.A:.4g} | "
-                   f"{fit.alpha:.4f} | {fit.L_inf:.4f} | {fit.rmse:.4f} | {shown} |")
+                   f"{fit.alpha:.4f} | {fit.L_inf:.4f} | {fit.rmse:.4f} | {shown} | "
+                   f"{f'{measured:.3g}x' if math.isfinite(measured) else 'not bracketed'} |")
     out.append("")
 
     out += ["### Selections: domain mix of the kept half", ""]
@@ -213,6 +217,7 @@ def render(results: Path) -> str:
                     f"-(teacher loss) {corr:.3f} (near 1: the reference adds little beyond teacher-perplexity "
                     f"selection).", ""]
 
+    out += _quoted_facts(results, rows)
     stages = [results / stage for stage in ("scores/teacher", "scores/reference", "reference", "seqkd")]
     costs = [f"| {r['stage']} | {r['parameters'] / 1e6:.1f}M | {r['tokens']:,} | {r['flops']:.3g} | "
              f"{r['seconds'] if r['seconds'] is not None else '-'} |"
@@ -222,6 +227,61 @@ def render(results: Path) -> str:
                 "| stage | parameters | tokens | FLOPs | wall seconds (2 CPU cores) |", "|---|---|---|---|---|",
                 *costs, ""]
     return "\n".join(out)
+
+
+def _quoted_facts(results: Path, rows: dict[str, dict]) -> list[str]:
+    """Figures the prose quotes that no table above holds, each read off the committed files."""
+    import pyarrow.parquet as pq
+
+    out = ["### Other figures the text quotes", ""]
+    # single-seed arms against the MiniPLM student of the same model and seed (not against a seed mean)
+    for name, row in rows.items():
+        spec = row["spec"]
+        if spec.get("data") in (None, "all", "miniplm", "seqkd") or spec.get("kd") != "none":
+            continue
+        suffix = name[len(_group(name)):]
+        twin = next((n for n, r in rows.items() if r["spec"].get("data") == "miniplm"
+                     and r["spec"].get("model") == spec.get("model") and n[len(_group(n)):] == suffix), None)
+        if twin is None:
+            continue
+        mine, theirs = row["splits"], rows[twin]["splits"]
+        cells = [f"{split} {mine[split]['loss_per_token']:.3f} vs {theirs[split]['loss_per_token']:.3f}"
+                 for split in mine if split in theirs]
+        curve = (f"curve's last point {row['curve'][-1]['loss_per_token']:.4f} vs "
+                 f"{rows[twin]['curve'][-1]['loss_per_token']:.4f}")
+        out.append(f"- {name} against {twin} (same seed): {curve}; " + ", ".join(cells) + ".")
+    for selection in sorted((results / "selections").glob("*")):
+        if not (selection / "instances.parquet").is_file():
+            continue
+        table = pq.read_table(selection / "instances.parquet").to_pydict()
+        per_domain: dict[str, list] = {}
+        for domain, selected, ref, n in zip(table["domain"], table["selected"], table["ref_logp"], table["n_tokens"]):
+            per_domain.setdefault(domain, []).append((selected, ref, n))
+        cells = []
+        for domain, items in sorted(per_domain.items()):
+            refs = [-r for _, r, _ in items if r is not None and math.isfinite(r)]
+            cells.append(f"{domain} {sum(s for s, _, _ in items)}/{len(items)}"
+                         + (f" (reference loss {np.mean(refs):.3f})" if refs else ""))
+        out.append(f"- {selection.name}: kept/pool instances per domain: " + ", ".join(cells) + ".")
+    seqkd = _json(results / "seqkd" / "manifest.json")
+    if seqkd:
+        corpus = seqkd["splits"]["train"]["tokens"]
+        readers = [r["manifest"]["tokens"] for r in rows.values() if r["spec"].get("data") == "seqkd"]
+        out.append(f"- SeqKD corpus: {seqkd['generated_tokens']:,} generated tokens, {corpus:,} with their prompts"
+                   + (f"; its student read {readers[0]:,} tokens ({readers[0] / corpus:.1f} passes)" if readers else "")
+                   + ".")
+    metrics = results / "reference" / "metrics.jsonl"
+    if metrics.is_file():
+        logged, previous = 0.0, 0
+        for line in metrics.read_text().splitlines():
+            row = json.loads(line)
+            logged += (row["tokens"] - previous) / row["tokens_per_second"]
+            previous = row["tokens"]
+        wall = _json(results / "reference" / "manifest.json").get("wall_seconds")
+        out.append(f"- The reference's training: {logged:,.0f} s of steps in its metrics.jsonl; its manifest's "
+                   f"wall_seconds: {wall} (the last process only, where a run was resumed and its manifest "
+                   f"predates the count of attempts).")
+    return out + [""]
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import torch
 from conftest import save_tiny_llama
 from miniplm.core.config import ConfigError, load_config
 from miniplm.evaluation.report import ReportConfig, build_report
-from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, read_curve
+from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, measured_saving, read_curve
 
 
 def law(c, a=400.0, alpha=0.12, l_inf=2.5):
@@ -42,6 +42,17 @@ def test_compute_saving_on_synthetic_curves():
     worse_floor = fit_scaling_law(compute, law(compute, l_inf=3.5))
     assert compute_saving(baseline, worse_floor, 3.0) == 0.0  # the worse run never reaches 3.0
 
+
+
+def test_measured_saving_reads_the_points_without_extrapolating():
+    compute = np.geomspace(1e15, 1e18, 24)
+    baseline, better = (compute, law(compute)), (compute, law(2.2 * compute))
+    assert measured_saving(baseline, better) == pytest.approx(2.2, rel=0.02)
+    assert measured_saving(better, baseline) == pytest.approx(1 / 2.2, rel=0.02)
+    # the better run starts below the baseline's final loss: no measured pair brackets it
+    far_better = (compute, np.full_like(compute, law(compute[-1]) - 0.5))
+    assert np.isnan(measured_saving(baseline, far_better))
+    assert np.isnan(measured_saving(far_better, baseline))
 
 def _direct_piqa_and_lambada(model, tokenizer, piqa_docs, lambada_texts):
     """The same zero-shot comparisons lm-eval makes, computed by hand from the model's log-probs."""

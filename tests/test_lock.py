@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import make_corpus
 from miniplm.cli import main
-from miniplm.core.manifest import output_lock
+from miniplm.core.manifest import output_lock, read_plan, reset_in_place
 
 
 def test_a_second_run_on_a_busy_output_is_refused(tmp_path, tokenizer_dir, capsys):
@@ -38,3 +41,20 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     started = time.time()
     with output_lock(out):  # the kernel released the dead holder's lock
         assert time.time() - started < 5
+
+
+def test_a_resumed_output_counts_the_time_of_its_interrupted_attempts(tmp_path):
+    output = tmp_path / "run"
+    reset_in_place(output, "key", False, print)
+    for wrote_after, total in ((60.0, 60.0), (30.0, 90.0)):  # each attempt killed after its last write
+        started = read_plan(output)["started"]
+        for earlier in output.glob("part-*"):  # written by the earlier attempts, before this one started
+            os.utime(earlier, (started - 1000, started - 1000))
+        part = output / f"part-{total}"
+        part.write_text("done")
+        os.utime(part, (started + wrote_after, started + wrote_after))
+        reset_in_place(output, "key", False, print)
+        assert read_plan(output)["seconds_before"] == pytest.approx(total, abs=0.1)
+    assert read_plan(output)["attempts"] == 3
+    reset_in_place(output, "another key", False, print)  # a changed config starts the count anew
+    assert read_plan(output)["attempts"] == 1 and read_plan(output)["seconds_before"] == 0

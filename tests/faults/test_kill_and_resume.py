@@ -26,7 +26,7 @@ import torch
 from conftest import make_corpus, save_tiny_llama
 
 KILLS = int(os.environ.get("MINIPLM_FAULT_KILLS", "5"))
-VOLATILE = {"created", "wall_seconds", "throughput", "versions"}
+VOLATILE = {"created", "wall_seconds", "attempts", "throughput", "versions"}
 LEFTOVERS = ("*.tmp", "*.partial", "*.old", "*.lock")
 pytestmark = pytest.mark.slow
 
@@ -114,6 +114,9 @@ def check_stage(tmp_path: Path, seed: int, command, progress=None) -> None:
     assert killed >= min(KILLS, 3), f"only {killed} of {KILLS} runs were killed before they finished"
     assert_same_outputs(tmp_path / "whole", resumed)
     assert_no_leftovers(tmp_path)
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    if "attempts" in manifest:  # an in-place stage: its wall_seconds add up the killed attempts
+        assert 1 < manifest["attempts"] <= killed + 1
 
 
 def parts(output: Path) -> int:

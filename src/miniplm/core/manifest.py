@@ -162,12 +162,21 @@ def reset_in_place(output: str | Path, key: str, force: bool, log) -> None:
     the next run can tell.
     """
     output = Path(output)
-    previous = (read_plan(output) or {}).get("key")
-    if output.exists() and (force or previous != key):
+    plan = read_plan(output) or {}
+    same = plan.get("key") == key
+    if output.exists() and (force or not same):
         if any(output.iterdir()):
-            reason = "--force" if force and previous == key else "another run's output (a changed config or input)"
+            reason = "--force" if force and same else "another run's output (a changed config or input)"
             log(f"{output} holds {reason}: removing it")
         shutil.rmtree(output)
+        plan = {}
     output.mkdir(parents=True, exist_ok=True)
     (output / MANIFEST).unlink(missing_ok=True)
-    write_json_atomic(output / PLAN, {"key": key})
+    # the time of the interrupted attempts, each counted up to its last write (a kill leaves no end time)
+    seconds = plan.get("seconds_before", 0.0)
+    if "started" in plan:
+        last_write = max((f.stat().st_mtime for f in output.rglob("*") if f.is_file() and f.name != PLAN),
+                         default=plan["started"])
+        seconds += max(0.0, last_write - plan["started"])
+    write_json_atomic(output / PLAN, {"key": key, "started": time.time(), "seconds_before": round(seconds, 2),
+                                      "attempts": plan.get("attempts", 0) + 1})

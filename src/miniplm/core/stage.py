@@ -32,6 +32,7 @@ from miniplm.core.manifest import (
     new_manifest,
     output_lock,
     read_manifest,
+    read_plan,
     reset_in_place,
     staged_output,
     write_json_atomic,
@@ -114,7 +115,10 @@ def _execute(stage: Stage, config, force: bool, log, rank: int) -> StageResult:
     facts = stage.run(config, output, inputs, log if rank == 0 else _silent)
     distributed.barrier()
     manifest = {}
-    if rank == 0:
+    if rank == 0:  # wall time over every attempt at this output, the interrupted ones included
+        plan = read_plan(output) or {}
+        started -= plan.get("seconds_before", 0.0)
+        facts = {**facts, "attempts": plan.get("attempts", 1)}
         manifest = _manifest(stage, config, key, inputs, facts, started)
         write_json_atomic(output / MANIFEST, manifest)
     distributed.barrier()

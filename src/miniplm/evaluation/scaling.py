@@ -3,7 +3,8 @@
 The fit is least squares on the loss itself (scipy's bounded trust-region), started from the best of a grid
 over L_inf where, for a fixed L_inf, log(L - L_inf) is linear in log C; compute is rescaled by its largest
 value so that A stays in a well-conditioned range. The compute-saving factor of run B over run A is
-C_A(L*) / C_B(L*) at A's final loss L*, both read off the fitted curves (the paper's 2.2x).
+C_A(L*) / C_B(L*) at A's final loss L*, both read off the fitted curves (the paper's 2.2x). `measured_saving`
+reads the same ratio off the measured points instead (interpolated between them, never extrapolated).
 """
 
 from __future__ import annotations
@@ -75,6 +76,27 @@ def compute_saving(baseline: ScalingFit, other: ScalingFit, target_loss: float) 
     if math.isinf(need_base) and math.isinf(need_other):
         return math.nan
     return need_base / need_other
+
+
+def measured_saving(baseline: tuple[np.ndarray, np.ndarray], other: tuple[np.ndarray, np.ndarray]) -> float:
+    """The compute saving read off two measured (FLOPs, loss) curves at the loss both reach: the worse run's
+    final loss, located on the better run's curve by linear interpolation in log FLOPs between the two points
+    that bracket it. nan where no measured pair brackets it (the better run starts below it); below 1 where
+    `other` is the worse run."""
+    (base_flops, base_loss), (other_flops, other_loss) = baseline, other
+    if other_loss[-1] <= base_loss[-1]:  # other reaches the baseline's final loss: at what compute?
+        reached = _compute_at(other_flops, other_loss, base_loss[-1])
+        return float(base_flops[-1] / reached)
+    return float(_compute_at(base_flops, base_loss, other_loss[-1]) / other_flops[-1])
+
+
+def _compute_at(flops: np.ndarray, loss: np.ndarray, target: float) -> float:
+    """The compute at which a measured curve first reaches `target` (nan where no two points bracket it)."""
+    for i in range(1, len(loss)):
+        if loss[i - 1] > target >= loss[i]:
+            t = (loss[i - 1] - target) / (loss[i - 1] - loss[i])
+            return float(np.exp(np.log(flops[i - 1]) + t * (np.log(flops[i]) - np.log(flops[i - 1]))))
+    return math.nan
 
 
 def read_curve(run: str | Path, metric: str = "loss_per_token") -> tuple[np.ndarray, np.ndarray]:
