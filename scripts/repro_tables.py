@@ -26,7 +26,7 @@ from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, measured
 
 STUDENT_FILES = ("eval.jsonl", "metrics.jsonl", TASKS_FILE, SPLITS_FILE, "manifest.json")
 STAGE_FILES = {"scores/teacher": ("manifest.json",), "scores/reference": ("manifest.json",),
-               "reference": ("manifest.json", "metrics.jsonl"), "seqkd": ("manifest.json",),
+               "reference": ("manifest.json", "metrics.jsonl", "validation.jsonl"), "seqkd": ("manifest.json",),
                "corpus": ("manifest.json",), "report": ("results.json",)}
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 

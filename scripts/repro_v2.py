@@ -1,0 +1,233 @@
+"""The tables and the pre-registered decision of docs/results/repro_v2.md, from results/repro_v2/ alone.
+
+    .venv/bin/python scripts/repro_tables.py collect out/repro_v2 results/repro_v2
+    .venv/bin/python scripts/repro_v2.py results/repro_v2 docs/results/repro_v2.md
+
+Rewrites the part of the document between `<!-- tables:begin -->` and `<!-- tables:end -->`. Arms whose
+students have not finished yet show as pending, and so does the decision until every student it needs exists.
+The rule (docs/results/repro_v2.md, "Decision rule"): d_s = loss(control, seed s) - loss(arm, seed s) on the
+same instances; *works* if d_s >= 0.03 on `heldout` for every seed (plus the clauses below), *does not work*
+if the mean of d_s over seeds is under 0.02, else *inconclusive*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from miniplm.core.metrics import paired_difference
+from miniplm.evaluation.scaling import measured_saving, read_curve
+
+BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
+PRIMARY, SPLITS, SEEDS = "heldout", ("heldout", "heldout_hq", "heldout_unseen"), (10, 11, 12)
+WORKS, DOES_NOT, NOT_WORSE, TIER_CPU, TIER_SCALE = 0.03, 0.02, -0.02, 1.0, 0.2
+# (control, arm): the comparisons the rule and the text use, by arm name (a student `<arm>-s<seed>` is its seed)
+PAIRS = [("random-wd", "miniplm-wd"), ("no-kd", "miniplm"), ("random-mix", "miniplm"), ("no-kd", "random-wd"),
+         ("no-kd", "miniplm-wd"), ("no-kd", "random-mix"), ("teacher-ppl-wd", "miniplm-wd"),
+         ("ref-ppl-wd", "miniplm-wd"), ("mini-random-wd", "mini-miniplm-wd"), ("mini-no-kd", "mini-miniplm"),
+         ("neox-random-wd", "neox-miniplm-wd"), ("neox-no-kd", "neox-miniplm-wd"), ("tt-no-kd", "tt-kd"),
+         ("tt-first-160", "tt-seqkd")]
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _arm_seed(name: str) -> tuple[str, int]:
+    match = re.fullmatch(r"(.*)-s(\d+)", name)
+    return (match.group(1), int(match.group(2))) if match else (name, 10)
+
+
+def load(results: Path) -> dict:
+    """{arm: {seed: student}} of the finished students: their spec, manifest, curve and final evaluations."""
+    specs = {s["name"]: s for s in _json(results / "run_config.json").get("students", [])}
+    arms: dict[str, dict[int, dict]] = {}
+    for directory in sorted((results / "students").glob("*")):
+        splits = _json(directory / "eval_splits.json").get("splits", {})
+        if not splits:
+            continue
+        arm, seed = _arm_seed(directory.name)
+        arms.setdefault(arm, {})[seed] = {"name": directory.name, "spec": specs.get(directory.name, {}),
+                                          "manifest": _json(directory / "manifest.json"), "splits": splits,
+                                          "dir": directory}
+    return arms
+
+
+def differences(arms: dict, control: str, arm: str) -> dict[int, dict[str, dict]]:
+    """{seed: {split: paired difference control - arm}} over the seeds both have."""
+    out = {}
+    for seed in sorted(set(arms.get(control, {})) & set(arms.get(arm, {}))):
+        a, b = arms[control][seed]["splits"], arms[arm][seed]["splits"]
+        out[seed] = {split: paired_difference(a[split]["per_instance"], b[split]["per_instance"])
+                     for split in SPLITS if split in a and split in b}
+    return out
+
+
+def _mean_std(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "pending"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def decide(arms: dict, control: str, arm: str, rivals: tuple[str, ...] = ()) -> tuple[str, str]:
+    """The pre-registered outcome of `arm` against `control`, and why."""
+    d = differences(arms, control, arm)
+    if set(d) != set(SEEDS) or any(PRIMARY not in d[s] for s in SEEDS):
+        return "pending", f"{len(d)} of {len(SEEDS)} seed pairs finished"
+    primary = [d[s][PRIMARY]["loss_per_token"] for s in SEEDS]
+    why = f"d on {PRIMARY}: " + ", ".join(f"{x:+.4f}" for x in primary) + f" (mean {np.mean(primary):+.4f})"
+    if np.mean(primary) < DOES_NOT:
+        return "does not work", why
+    clauses = [min(primary) >= WORKS]
+    for split in SPLITS[1:]:
+        mean = np.mean([d[s][split]["loss_per_token"] for s in SEEDS])
+        why += f"; mean d on {split} {mean:+.4f}"
+        clauses.append(mean > NOT_WORSE)
+    for rival in rivals:
+        if 10 not in arms.get(rival, {}):
+            return "pending", why + f"; {rival} not finished"
+        rd = differences(arms, rival, arm)[10][PRIMARY]["loss_per_token"]
+        why += f"; {rival} - {arm} on {PRIMARY} (seed 10) {rd:+.4f}"
+        clauses.append(rd > 0)
+    return ("works" if all(clauses) else "inconclusive"), why
+
+
+def render(results: Path) -> str:
+    arms = load(results)
+    points = _json(results / "reference_points.json").get("levels", {})
+    out = ["### Decision (pre-registered rule)", ""]
+    for label, control, arm, rivals in (("primary", "random-wd", "miniplm-wd", ("teacher-ppl-wd", "ref-ppl-wd")),
+                                        ("global vs no-KD", "no-kd", "miniplm", ()),
+                                        ("global vs domain-matched", "random-mix", "miniplm", ())):
+        outcome, why = decide(arms, control, arm, rivals)
+        out.append(f"- **{label}** ({arm} against {control}): **{outcome}**; {why}.")
+    out.append("")
+
+    out += ["### Tier", ""]
+    base = [s["splits"][PRIMARY]["loss_per_token"] for s in arms.get("no-kd", {}).values() if PRIMARY in s["splits"]]
+    level = points.get(PRIMARY, {})
+    unigram, bigram = level.get("unigram [bpe8k]", {}).get("loss_per_token"), \
+        level.get("bigram [bpe8k]", {}).get("loss_per_token")
+    if base and unigram is not None and bigram is not None:
+        mean = float(np.mean(base))
+        tier = "scale" if mean <= bigram - TIER_SCALE else "CPU" if mean <= unigram - TIER_CPU else "none"
+        out.append(f"no-kd (llama-small, {len(base)} seeds) on {PRIMARY}: {mean:.4f} nats/token; unigram "
+                   f"{unigram:.4f} ({unigram - mean:+.4f} below), Kneser-Ney bigram {bigram:.4f} "
+                   f"({bigram - mean:+.4f} below), both fitted on the scored pool in bpe8k. Tier reached: **{tier}**.")
+    else:
+        out.append("pending (no-kd students and the reference points)")
+    out.append("")
+
+    out += ["### Students (final loss, nats/token / bits per byte; mean ± sample std over seeds)", "",
+            "| arm | model | tokenizer | data | KD | seeds | params | tokens | " + " | ".join(SPLITS) + " |",
+            "|---" * (8 + len(SPLITS)) + "|"]
+    for arm, seeds in arms.items():
+        first = next(iter(seeds.values()))
+        spec, manifest = first["spec"], first["manifest"]
+        cells = [arm, spec.get("model", "?"), spec.get("tokenizer") or "teacher's", spec.get("data", "?"),
+                 spec.get("kd", "none"), ",".join(str(s) for s in seeds),
+                 f"{manifest['model']['parameters'] / 1e6:.1f}M", f"{manifest['tokens']:,}"]
+        for split in SPLITS:
+            nats = [s["splits"][split]["loss_per_token"] for s in seeds.values() if split in s["splits"]]
+            bpb = [s["splits"][split]["bits_per_byte"] for s in seeds.values() if split in s["splits"]]
+            cells.append(f"{_mean_std(nats)} / {np.mean(bpb):.4f}" if nats else "-")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+
+    out += ["### Paired differences (control minus arm, nats/token; positive: the arm is better)", "",
+            "Per seed: the difference on the same instances with its 95% bootstrap interval over instances. "
+            "Across seeds: mean ± sample std of the per-seed differences.", "",
+            "| control | arm | seed | " + " | ".join(SPLITS) + " |", "|---" * (3 + len(SPLITS)) + "|"]
+    for control, arm in PAIRS:
+        d = differences(arms, control, arm)
+        for seed, by_split in d.items():
+            cells = [f"{v['loss_per_token']:+.4f} [{v['loss_per_token_ci95'][0]:+.3f}, "
+                     f"{v['loss_per_token_ci95'][1]:+.3f}]" if (v := by_split.get(split)) else "-" for split in SPLITS]
+            out.append(f"| {control} | {arm} | {seed} | " + " | ".join(cells) + " |")
+        if len(d) > 1:
+            cells = [_mean_std([d[s][split]["loss_per_token"] for s in d if split in d[s]]) for split in SPLITS]
+            out.append(f"| {control} | {arm} | **all {len(d)}** | " + " | ".join(cells) + " |")
+    out.append("")
+
+    out += ["### Compute saving against no-KD of the same model, tokenizer and seed (measured curves only)", "",
+            "Read off the measured held-out curves at the loss both runs reach (interpolated between the two "
+            "points that bracket it); 'not bracketed' where the points do not reach it, since no extrapolation "
+            "is quoted.", "", "| student | baseline | saving |", "|---|---|---|"]
+    for seeds in arms.values():
+        spec = next(iter(seeds.values()))["spec"]
+        if spec.get("data") == "all" and spec.get("kd", "none") == "none":
+            continue
+        for seed, student in seeds.items():
+            base = next((s[seed] for a, s in arms.items() if seed in s and s[seed]["spec"].get("data") == "all"
+                         and s[seed]["spec"].get("kd", "none") == "none"
+                         and s[seed]["spec"].get("model") == spec.get("model")
+                         and s[seed]["spec"].get("tokenizer") == spec.get("tokenizer")), None)
+            if base is None or spec.get("data") in ("seqkd", "first-160"):
+                continue
+            saving = measured_saving(read_curve(base["dir"]), read_curve(student["dir"]))
+            out.append(f"| {student['name']} | {base['name']} | "
+                       + (f"{saving:.3g}x" if np.isfinite(saving) else "not bracketed") + " |")
+    out.append("")
+
+    out += ["### Reference points (nats/token / bits per byte, on the students' instances)", "",
+            "| level | " + " | ".join(SPLITS) + " |", "|---" * (1 + len(SPLITS)) + "|"]
+    for who in dict.fromkeys(w for split in SPLITS for w in points.get(split, {})):
+        cells = [f"{p['loss_per_token']:.4f} / {p['bits_per_byte']:.4f}" if (p := points.get(s, {}).get(who)) else "-"
+                 for s in SPLITS]
+        out.append(f"| {who} | " + " | ".join(cells) + " |")
+    out.append("")
+
+    out += ["### Selections: n-gram diagnostic and domain mix", "",
+            "Unigram and bigram models fitted on each selection's kept half and on the whole pool (teacher "
+            "tokenizer), scored on the held-out splits: kept minus pool, nats/token (negative: the kept half's "
+            "token statistics are closer to that split).", "",
+            "| selection | kept tokens | " + " | ".join(f"{s} {lv}" for s in SPLITS for lv in ("unigram", "bigram"))
+            + " |", "|---" * (2 + 2 * len(SPLITS)) + "|"]
+    for selection in sorted((results / "selections").glob("*")):
+        m = _json(selection / "manifest.json")
+        diagnostic = m.get("ngram_diagnostic", {})
+        cells = []
+        for split in SPLITS:
+            for level in ("unigram", "bigram"):
+                d = diagnostic.get(split, {})
+                cells.append(f"{d['kept'][level]['loss_per_token'] - d['pool'][level]['loss_per_token']:+.4f}"
+                             if "kept" in d and "pool" in d else "-")
+        out.append(f"| {selection.name} | {m.get('kept_tokens', 0):,} | " + " | ".join(cells) + " |")
+    mixes = {s.name: _json(s / "manifest.json").get("domains", {}) for s in sorted((results / "selections").glob("*"))}
+    mixes = {name: mix for name, mix in mixes.items() if mix}
+    if mixes:
+        pool = next(iter(mixes.values()))
+        total = sum(d["tokens"] for d in pool.values())
+        out += ["", "Token share per domain, in %: the pool, then each selection's kept half.", "",
+                "| domain | pool | " + " | ".join(mixes) + " |", "|---" * (2 + len(mixes)) + "|"]
+        for domain in sorted(pool):
+            cells = [f"{100 * pool[domain]['tokens'] / total:.1f}"]
+            for mix in mixes.values():
+                kept = sum(d["kept_tokens"] for d in mix.values())
+                cells.append(f"{100 * mix.get(domain, {}).get('kept_tokens', 0) / max(kept, 1):.1f}")
+            out.append(f"| {domain} | " + " | ".join(cells) + " |")
+    out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path)
+    parser.add_argument("document", type=Path)
+    args = parser.parse_args()
+    text = args.document.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{args.document} has no {BEGIN} ... {END} markers to fill")
+    head, rest = text.split(BEGIN, 1)
+    args.document.write_text(f"{head}{BEGIN}\n{render(args.results)}\n{END}{rest.split(END, 1)[1]}")
+    print(f"rendered {args.document} from {args.results}")
+
+
+if __name__ == "__main__":
+    main()
