@@ -77,6 +77,57 @@ def test_bf16_scores_do_not_depend_on_batch_size(tiny_model_dir, prepared_corpus
             assert np.array_equal(a, b)
 
 
+
+def model_hidden_size(model_dir) -> int:
+    return json.loads((model_dir / "config.json").read_text())["hidden_size"]
+
+
+def test_features_are_the_models_hidden_states_and_logprob_quantiles(tiny_model_dir, prepared_corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from miniplm.scoring.scorer import LOGP_QUANTILES
+
+    manifest = run(tiny_model_dir, prepared_corpus, tmp_path / "f", features=True)
+    rows = read_scores(tmp_path / "f").to_pylist()
+    assert manifest["features"]["hidden_size"] == len(rows[0]["hidden"]) == model_hidden_size(tiny_model_dir)
+    run(tiny_model_dir, prepared_corpus, tmp_path / "plain")
+    plain = read_scores(tmp_path / "plain")  # features change no score
+    assert plain.column("logp_sum").to_pylist() == [r["logp_sum"] for r in rows]
+    split = PackedCorpus(prepared_corpus).split("train")
+    eos = PackedCorpus(prepared_corpus).eos_id
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for row in rows[:20]:
+        x = torch.tensor(split[row["instance_id"]].astype(np.int64))[None]
+        with torch.no_grad():
+            out = model(input_ids=x[:, :-1], output_hidden_states=True)
+        scored = x[0, :-1] != eos
+        logp = torch.log_softmax(out.logits[0].double(), -1).gather(1, x[0, 1:, None])[:, 0][scored]
+        hidden = out.hidden_states[-1][0][scored].mean(0)  # the last entry is after the final norm
+        assert np.allclose(row["hidden"], hidden.numpy(), atol=2e-3)  # fp16 storage
+        assert np.allclose(row["logp_quantiles"], np.quantile(logp.numpy(), LOGP_QUANTILES), atol=1e-4)
+
+
+def test_features_do_not_depend_on_batching_and_survive_a_resume(tiny_model_dir, prepared_corpus, tmp_path):
+    tables = []
+    for batch_tokens, part_tokens in [(64, 1 << 18), (4096, 700)]:
+        output = tmp_path / f"b{batch_tokens}"
+        run(tiny_model_dir, prepared_corpus, output, precision="bf16", batch_tokens=batch_tokens,
+            part_tokens=part_tokens, features=True, compile=False)  # compiled: see the bf16 test above
+        tables.append(read_scores(output))
+    assert tables[0].column("hidden").to_pylist() == tables[1].column("hidden").to_pylist()
+    assert tables[0].column("logp_quantiles").to_pylist() == tables[1].column("logp_quantiles").to_pylist()
+    # a run killed with parts missing rescored only those: the same rows, features included
+    output = tmp_path / "b4096"
+    manifest = json.loads((output / "manifest.json").read_text())
+    (output / "manifest.json").unlink()
+    parts = sorted((output / "parts").glob("part-*.parquet"))
+    assert len(parts) > 2
+    parts[1].unlink()
+    resumed = run(tiny_model_dir, prepared_corpus, output, precision="bf16", batch_tokens=4096, part_tokens=700,
+                  features=True, compile=False)
+    assert resumed["throughput"]["resumed_parts"] == len(parts) - 1 and resumed["key"] == manifest["key"]
+    assert read_scores(output).equals(tables[1])
+
 def test_plan_sorts_by_length_and_keeps_padding_low():
     lengths = np.random.default_rng(0).integers(2, 1025, size=5000)
     parts = plan_parts(lengths, part_tokens=100_000)
@@ -108,17 +159,19 @@ def test_out_of_memory_halves_the_batch(tiny_model_dir, prepared_corpus, tmp_pat
     run(tiny_model_dir, prepared_corpus, tmp_path / "plain")
     original = LogProbScorer._score
 
-    def flaky(self, instances):
+    def flaky(self, instances, features=False):
         if len(instances) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
-        return original(self, instances)
+        return original(self, instances, features)
 
     monkeypatch.setattr(LogProbScorer, "_score", flaky)
     logs = []
-    score(cfg(tiny_model_dir, prepared_corpus, tmp_path / "oom"), log=logs.append)
+    score(cfg(tiny_model_dir, prepared_corpus, tmp_path / "oom", features=True), log=logs.append)
     assert any("out of memory on a batch" in m for m in logs)
     a, b = read_scores(tmp_path / "plain"), read_scores(tmp_path / "oom")
     assert np.allclose(a.column("logp_sum").to_numpy(), b.column("logp_sum").to_numpy(), atol=1e-6)
+    hidden = np.array(b.column("hidden").to_pylist())  # the halves' features joined row for row
+    assert hidden.shape == (a.num_rows, model_hidden_size(tiny_model_dir)) and np.isfinite(hidden).all()
 
 
 def test_refuses_a_model_with_another_tokenizer(prepared_corpus, tmp_path):

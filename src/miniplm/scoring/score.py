@@ -2,7 +2,9 @@
 
 Output directory:
     plan.json                the run's key and its parts (written first; a different key wipes the dir)
-    parts/part-NNNNNN.parquet  instance_id, n_scored, logp_sum (float64) for the instances of one part
+    parts/part-NNNNNN.parquet  instance_id, n_scored, logp_sum (float64) for the instances of one part;
+                             with --features also hidden (the mean final hidden state over the scored
+                             positions, float16) and logp_quantiles (float32, at LOGP_QUANTILES)
     manifest.json            written when every part is on disk: model identity and hash, precision,
                              corpus key and split, counts, throughput, versions
 A part is written under a temporary name and renamed when complete, so after `kill -9` the same command
@@ -42,9 +44,14 @@ from miniplm.core.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, source_fin
 from miniplm.core.tokens import masked_input_ids, vocab_fingerprint
 from miniplm.data.shards import PackedCorpus, PackedSplit, atomic_write
 from miniplm.scoring.plan import padding_fraction, plan_batches, plan_parts
-from miniplm.scoring.scorer import LogProbScorer
+from miniplm.scoring.scorer import LOGP_QUANTILES, LogProbScorer
 
 SCORE_SCHEMA = pa.schema([("instance_id", pa.int64()), ("n_scored", pa.int32()), ("logp_sum", pa.float64())])
+
+
+def feature_schema(hidden_size: int) -> pa.Schema:
+    return SCORE_SCHEMA.append(pa.field("hidden", pa.list_(pa.float16(), hidden_size))).append(
+        pa.field("logp_quantiles", pa.list_(pa.float32(), len(LOGP_QUANTILES))))
 
 
 @dataclass
@@ -67,6 +74,9 @@ class ScoreConfig(Compute):
         hashed=False)
     part_tokens: int = option(1 << 18, "tokens per output part: the unit of resume and of work across workers")
     max_instances: int | None = option(None, "score only the first N instances of the split (quick runs)")
+    features: bool = option(False, "also store, per instance, the mean final hidden state (fp16) and quantiles "
+                            "of the per-token log-probs: what `miniplm proxy` predicts the teacher from (store "
+                            "them when scoring the reference)")
     executor: Literal["local", "ray"] = option("local", "local (one process, or each torchrun rank) or ray",
                                                hashed=False)
     ray_address: str | None = option(None, "existing Ray cluster address (null: start a local Ray)", hashed=False)
@@ -122,16 +132,23 @@ def build_scorer(config: ScoreConfig, corpus: PackedCorpus, local_rank: int = 0,
 def score_part(scorer, split: PackedSplit, job: ScoreJob, part: int) -> pa.Table:
     """Score one part of the plan and return its rows sorted by instance_id."""
     indices = job.parts[part]
-    ids, n_scored, logp = [], [], []
+    columns: list[list[np.ndarray]] = []
+    ids = []
     for batch in plan_batches(indices, job.lengths, job.config.batch_tokens):
-        sums, counts = scorer.score([split[int(i)] for i in batch])
+        instances = [split[int(i)] for i in batch]
+        result = scorer.score_with_features(instances) if job.config.features else scorer.score(instances)
         ids.append(job.instance_ids[batch])
-        logp.append(sums)
-        n_scored.append(counts)
-    ids_, n_, logp_ = np.concatenate(ids), np.concatenate(n_scored), np.concatenate(logp)
+        columns.append(list(result))
+    ids_ = np.concatenate(ids)
     order = np.argsort(ids_, kind="stable")
-    return pa.table({"instance_id": ids_[order], "n_scored": n_[order].astype(np.int32), "logp_sum": logp_[order]},
-                    schema=SCORE_SCHEMA)
+    sums, counts, *features = (np.concatenate(parts)[order] for parts in zip(*columns))
+    data = {"instance_id": ids_[order], "n_scored": counts.astype(np.int32), "logp_sum": sums}
+    if not features:
+        return pa.table(data, schema=SCORE_SCHEMA)
+    hidden, quantiles = features
+    data["hidden"] = pa.FixedSizeListArray.from_arrays(pa.array(hidden.astype(np.float16).ravel()), hidden.shape[1])
+    data["logp_quantiles"] = pa.FixedSizeListArray.from_arrays(pa.array(quantiles.ravel()), quantiles.shape[1])
+    return pa.table(data, schema=feature_schema(hidden.shape[1]))
 
 
 def write_part(job: ScoreJob, part: int, table: pa.Table) -> None:
@@ -216,6 +233,9 @@ class Score(Stage):
                     "tokenizer_fingerprint": corpus.manifest["tokenizer"]["fingerprint"],
                     "max_len": corpus.manifest["max_len"]},
             masked_input_ids=sorted(int(i) for i in scorer.masked_input_ids.tolist()),
+            features={"hidden": "mean final hidden state over the scored positions (after the final norm), "
+                                "float16", "hidden_size": int(model.get_output_embeddings().weight.shape[1]),
+                      "logp_quantiles": list(LOGP_QUANTILES)} if config.features else None,
             instances=rows.num_rows,
             tokens_scored=int(pc.sum(rows.column("n_scored")).as_py() or 0),
             parts=len(job.parts),

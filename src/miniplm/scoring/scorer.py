@@ -16,6 +16,10 @@ Every batch is padded to `plan.padded_width` of its longest instance, so an inst
 one padded width (what `plan_batches` makes) gets the same shapes, and on a CPU the same bits, whatever
 the batch size or the other rows.
 
+`score_with_features` also returns what a cheap predictor of another model's scores can learn from (the
+proxy stage): per instance, the mean over scored positions of the final hidden state (after the final
+norm, the output layer's input) and quantiles of the per-position log-probs.
+
 `compile=True` fuses what lies between the matmuls with torch.compile: the output layer's log-softmax (the
 eager version reads and writes the [chunk, vocab] logits about seven times) and each decoder layer's norms,
 rotary embedding and activations (one compilation, dynamic in the batch shape, serves every layer).
@@ -46,6 +50,9 @@ WIDTH_PROBE = 32  # positions of the batch that compiles the model
 # (bench/compile.py): they are scored eagerly
 RECOMPILING_FAMILIES = {"mamba", "mamba2", "falcon_mamba"}
 GRAPH_STORM = 6  # graphs built after the probe batch beyond which compiling is given up for eager
+
+
+LOGP_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -143,8 +150,19 @@ class LogProbScorer:
 
     def score(self, instances: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(logp_sum float64 [B], n_scored int64 [B]); halves the batch and retries on out-of-memory."""
+        return self._scored(instances, False)
+
+    def score_with_features(self, instances: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+        """(logp_sum, n_scored, mean final hidden state float32 [B, d], log-prob quantiles float32 [B, 5] at
+        LOGP_QUANTILES); NaN features for an instance without a scored position."""
+        if not self.chunked_head:
+            raise ValueError(f"{type(self.model).__name__}: features need a model whose logits are "
+                             f"lm_head(final hidden state); score it without features")
+        return self._scored(instances, True)
+
+    def _scored(self, instances: list[np.ndarray], features: bool) -> tuple[np.ndarray, ...]:
         try:
-            result = self._score(instances)
+            result = self._score(instances, features)
             if self.compiled_layers is not None:
                 self._watch_recompiles()
             return result
@@ -156,11 +174,11 @@ class LogProbScorer:
                      f"{len(instances) - half}")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            first, second = self.score(instances[:half]), self.score(instances[half:])
-            return np.concatenate([first[0], second[0]]), np.concatenate([first[1], second[1]])
+            first, second = self._scored(instances[:half], features), self._scored(instances[half:], features)
+            return tuple(np.concatenate([a, b]) for a, b in zip(first, second))
 
     @torch.inference_mode()
-    def _score(self, instances: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _score(self, instances: list[np.ndarray], features: bool = False) -> tuple[np.ndarray, ...]:
         rows = len(instances)
         width = int(padded_width(max(len(x) for x in instances)))
         if self.max_width:
@@ -194,7 +212,25 @@ class LogProbScorer:
         per_position = torch.zeros(scored.shape, dtype=torch.float64, device=self.device)
         per_position[scored] = logp.double()
         sums, counts = per_position.sum(1)[:rows], scored.sum(1)[:rows]
-        return sums.cpu().numpy(), counts.cpu().numpy().astype(np.int64)
+        result = (sums.cpu().numpy(), counts.cpu().numpy().astype(np.int64))
+        if features:
+            result += _features(states, logp, scored, rows)
+        return result
+
+
+def _features(states: torch.Tensor, logp: torch.Tensor, scored: torch.Tensor, rows: int):
+    """Per row: the mean final hidden state over its scored positions, and quantiles of their log-probs.
+    Each row is reduced over its own padded width in position order, so other rows change nothing."""
+    pooled = torch.zeros((*scored.shape, states.shape[-1]), dtype=torch.float32, device=states.device)
+    pooled[scored] = states.float()
+    counts = scored.sum(1, keepdim=True)
+    hidden = pooled.sum(1) / counts.clamp(min=1)
+    hidden[counts[:, 0] == 0] = float("nan")
+    # one row at a time in float64: a vectorised quantile over the batch rounds by the batch's size
+    values = np.split(logp.double().cpu().numpy(), np.cumsum(counts[:rows, 0].cpu().numpy())[:-1])
+    quantiles = np.array([np.quantile(v, LOGP_QUANTILES) if len(v) else np.full(len(LOGP_QUANTILES), np.nan)
+                          for v in values], dtype=np.float32).reshape(rows, len(LOGP_QUANTILES))
+    return hidden[:rows].cpu().numpy(), quantiles
 
 
 def _graphs_built() -> int:
