@@ -90,3 +90,19 @@ def test_config_file_must_exist_and_be_a_mapping(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(Outer, bad)
+
+
+def test_an_option_added_later_keys_outputs_only_when_set():
+    @dataclass
+    class Before:
+        steps: int = option(3, "")
+
+    @dataclass
+    class After:
+        steps: int = option(3, "")
+        features: bool = option(False, "", hashed="when-set")
+        subset: list[int] = option(default_factory=list, hashed="when-set")
+
+    assert config_hash(After()) == config_hash(Before())  # outputs written before the option stay up to date
+    assert config_hash(After(features=True)) != config_hash(Before())
+    assert config_hash(After(subset=[1])) != config_hash(After())

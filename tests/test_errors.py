@@ -398,8 +398,61 @@ def state_changed_config(e: Env) -> str:
     return " ".join(logs)
 
 
+# -- proxy scoring ----------------------------------------------------------------------------------------
+def _proxy(e: Env, *extra) -> str:
+    return e.cli("proxy", "--corpus", e.corpus, "--reference", e.scores("ref", features="true"), "--output",
+                 e.tmp / "proxy", "--teacher.model", e.model, "--teacher.precision", "fp32", "--progress", "false",
+                 *extra)
+
+
+def proxy_fraction_out_of_range(e: Env) -> str:
+    return e.cli("proxy", "--label-fraction", 1.5)
+
+
+def proxy_reference_without_features(e: Env) -> str:
+    return e.cli("proxy", "--corpus", e.corpus, "--reference", e.scores("ref"), "--output", e.tmp / "proxy")
+
+
+def proxy_too_few_labels(e: Env) -> str:
+    return _proxy(e, "--label-fraction", 0.05)
+
+
+def proxy_another_pool(e: Env) -> str:
+    return _proxy(e, "--split", "heldout")
+
+
+def proxy_nan_features(e: Env) -> str:
+    """Handled, not refused: NaN features are counted, kept out of the fit, and said."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from miniplm.core.config import load_config
+    from miniplm.scoring.proxy import ProxyConfig, proxy
+
+    reference = e.scores("ref", features="true")
+    part = next((reference / "parts").glob("part-*.parquet"))
+    table = pq.read_table(part)
+    hidden = table.column("hidden").to_pylist()
+    hidden[0] = [float("nan")] * len(hidden[0])
+    pq.write_table(table.set_column(table.schema.get_field_index("hidden"), "hidden",
+                                    pa.array(hidden, type=table.schema.field("hidden").type)), part)
+    logs = []
+    proxy(load_config(ProxyConfig, None, {"corpus": str(e.corpus), "reference": str(reference), "progress": False,
+                                          "output": str(e.tmp / "proxy"), "label_fraction": 0.5,
+                                          "teacher": {"model": str(e.model), "precision": "fp32"}}), log=logs.append)
+    return " ".join(logs)
+
+
+def proxy_bad_instances_file(e: Env) -> str:
+    import numpy as np
+
+    np.save(e.tmp / "ids.npy", np.array([3, 1, 2]))
+    return e.cli("score", "--model", e.model, "--corpus", e.corpus, "--output", e.tmp / "s", "--instances",
+                 e.tmp / "ids.npy", "--progress", "false")
+
+
 CASES = {name.replace("_", "-"): fn for name, fn in list(globals().items())
-         if name.startswith(("corpus_", "config_", "model_", "state_")) and callable(fn)}
+         if name.startswith(("corpus_", "config_", "model_", "state_", "proxy_")) and callable(fn)}
 
 
 def test_the_catalogue_and_the_cases_agree_one_to_one():

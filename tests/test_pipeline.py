@@ -30,7 +30,9 @@ def run_yaml(tmp_path, tokenizer_dir) -> dict:
         "score": {"max_instances": 80, "progress": False, "precision": "fp32"},
         "selections": {"miniplm": {"alpha": 0.5, "progress": False},
                        "random-mix": {"selector": "random", "domain_quota": "from:miniplm", "progress": False,
-                                      "report": False}},
+                                      "report": False},
+                       "miniplm-proxy": {"teacher": "proxy", "progress": False, "report": False}},
+        "proxy": {"label_fraction": 0.7, "first_fraction": 1.0, "progress": False},
         "train": {"batch_size": 4, "warmup_steps": 2, "precision": "fp32", "progress": False, "save_every": 100},
         "students": [{"name": "no-kd", "model": "qwen2-tiny", "data": "all"},
                      {"name": "miniplm", "model": "llama-tiny", "data": "miniplm"},
@@ -76,6 +78,11 @@ def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, 
         assert set(levels) == {"unigram", "bigram", "teacher", "reference", "unigram" + trained, "bigram" + trained}
         assert all(p["loss_per_token"] > 0 and p["bits_per_byte"] > 0 and len(p["loss_per_token_ci95"]) == 2
                    for p in levels.values())
+    # the proxy's table: the teacher labelled 70% of the pool (exactly those rows exact), select read it
+    proxied = json.loads((out / "scores" / "proxy" / "manifest.json").read_text())
+    assert proxied["exact_rows"] == 56 and "precision" in proxied["summary"]["against_exact"]
+    assert json.loads((out / "selections" / "miniplm-proxy" / "manifest.json").read_text())["kept"] == 40
+    assert any(row["stage"].startswith("proxy") for row in report["costs"])
     assert points["fit_instances"] == 80  # the n-gram levels are fitted on the scored pool ...
     diagnostic = json.loads((out / "selections" / "miniplm" / "manifest.json").read_text())["ngram_diagnostic"]
     for split in ("heldout_hq", "heldout"):  # ... as the selections' diagnostics, on the same instances

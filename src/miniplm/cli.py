@@ -41,6 +41,7 @@ from miniplm.evaluation.tasks import EvalTasksConfig, evaluate_tasks
 from miniplm.export.export import Export, ExportConfig
 from miniplm.kd.generate import Generate, GenerateConfig
 from miniplm.pipeline import Pipeline, RunConfig
+from miniplm.scoring.proxy import Proxy, ProxyConfig
 from miniplm.scoring.score import Score, ScoreConfig
 from miniplm.selection.select import Select, SelectConfig
 from miniplm.training.train import Train, TrainConfig
@@ -226,6 +227,24 @@ COMMANDS = [
         "  miniplm score --model out/ref/final --corpus out/corpus --output out/scores/ref\n"
         "  torchrun --nproc-per-node 8 -m miniplm score --model M --corpus C --output O\n"
         "  miniplm score --model M --corpus C --output O --executor ray --ray-address auto",
+    ),
+    Command(
+        "proxy",
+        ProxyConfig,
+        Proxy(),
+        "the teacher labels a fraction of the pool, a predictor ranks the rest (active labels near the cut)",
+        "The teacher's forward pass is MiniPLM's whole offline cost. With the reference scored with "
+        "--features true (its pooled hidden state and log-prob quantiles), the teacher labels a seeded "
+        "sample stratified by domain, a predictor (scikit-learn ridge or gradient boosting) learns the "
+        "teacher's mean log-prob from the reference's features, and further labels go, in rounds, to the "
+        "instances whose predicted r lies nearest the cut. The output is a score table (exact rows marked) "
+        "that `select --teacher` reads like an exact one; report.md gives the cross-validated agreement and "
+        "the offline cost against scoring the whole pool.\n\n"
+        "examples:\n"
+        "  miniplm score --model out/ref/final --corpus out/corpus --output out/scores/ref --features true\n"
+        "  miniplm proxy --corpus out/corpus --reference out/scores/ref --teacher.model smollm2 \\\n"
+        "      --label-fraction 0.1 --output out/scores/proxy\n"
+        "  miniplm select --corpus out/corpus --teacher out/scores/proxy --reference out/scores/ref",
     ),
     Command(
         "select",

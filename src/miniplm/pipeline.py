@@ -40,8 +40,9 @@ from miniplm.evaluation.report import Report, ReportConfig
 from miniplm.evaluation.tasks import PAPER_TASKS, EvalTasksConfig
 from miniplm.export.export import Export, ExportConfig
 from miniplm.kd.generate import Generate, GenerateConfig
+from miniplm.scoring.proxy import Proxy, ProxyConfig
 from miniplm.scoring.score import Score, ScoreConfig
-from miniplm.selection.select import Select, SelectConfig
+from miniplm.selection.select import NEEDS, Select, SelectConfig
 from miniplm.training.train import Train, TrainConfig, build_model, flop_matched_steps, planned_steps
 
 
@@ -84,6 +85,7 @@ FIXED = {
     "selections": ("corpus", "split", "teacher", "reference", "output", "diagnostic_splits",
                    "diagnostic_max_instances"),
     "generate": ("model", "corpus", "split", "output"),
+    "proxy": ("corpus", "split", "reference", "output", "max_instances", "exact_teacher"),
     "train": ("model", "corpus", "split", "output", "eval_every", "eval_corpus", "eval_split", "eval_max_instances",
               "kd", "teacher"),
 }
@@ -98,6 +100,9 @@ class RunConfig:
         "help": "`miniplm train` settings of the reference model (trained on the ref split, D_ref)"})
     score: ScoreConfig = field(default_factory=ScoreConfig, metadata={
         "help": "`miniplm score` settings for both scorings (e.g. max_instances: the size of the pool)"})
+    proxy: ProxyConfig = field(default_factory=ProxyConfig, metadata={
+        "help": "`miniplm proxy` settings, used by the selections that say `teacher: proxy` (the teacher labels "
+                "label_fraction of the pool, a predictor from the reference's features ranks the rest)"})
     selections: dict[str, SelectConfig] = field(default_factory=lambda: {"miniplm": SelectConfig()}, metadata={
         "help": "named `miniplm select` runs (domain_quota: from:<name> refers to another selection)"})
     tokenizers: dict[str, TokenizerTrainConfig] = field(default_factory=dict, metadata={
@@ -138,12 +143,15 @@ class RunConfig:
                 raise ConfigError(f"students[{i}].train: {', '.join(fixed)} are set by `miniplm run`; remove them")
             self.student_train(s)  # every key and value checked now, not when the student's turn comes
         sections = [("prepare", self.prepare), ("reference", self.reference), ("score", self.score),
-                    ("train", self.train), ("generate", self.generate),
+                    ("train", self.train), ("generate", self.generate), ("proxy", self.proxy),
                     *((f"selections.{name}", c) for name, c in self.selections.items()),
                     *((f"tokenizers.{name}", c) for name, c in self.tokenizers.items())]
         for where, config in sections:
             if config is not None:
-                _refuse_fixed(where, config, FIXED[where.split(".")[0]])
+                fixed = FIXED[where.split(".")[0]]
+                if isinstance(config, SelectConfig) and config.teacher == "proxy":  # the run's proxy table
+                    fixed = tuple(f for f in fixed if f != "teacher")
+                _refuse_fixed(where, config, fixed)
         if self.eval.points < 1:
             raise ConfigError(f"eval.points: must be at least 1, got {self.eval.points}")
         if self.eval.tasks:
@@ -187,10 +195,26 @@ class Pipeline:
         self.out = Path(config.output)
         self.corpus = self.out / "corpus"
         self.reference = self.out / "reference"
-        self.scores = {"teacher": self.out / "scores" / "teacher", "reference": self.out / "scores" / "reference"}
+        self.scores = {"teacher": self.out / "scores" / "teacher", "reference": self.out / "scores" / "reference",
+                       "proxy": self.out / "scores" / "proxy"}
         self.seqkd = self.out / "seqkd"
         self.points = self.out / "reference_points"
         self.report = self.out / "report"
+
+    @property
+    def proxied(self) -> bool:
+        """Some selection reads the proxy's teacher table."""
+        return any(s.teacher == "proxy" for s in self.config.selections.values())
+
+    @property
+    def exact_teacher(self) -> bool:
+        """The teacher scores the whole pool: unless the proxy's table serves every selection that needs it."""
+        return not self.proxied or any(s.teacher != "proxy" and "teacher" in NEEDS[s.selector]
+                                       for s in self.config.selections.values())
+
+    def teacher_scores(self) -> Path:
+        """A scoring run of the teacher (exact or proxy) whose manifest describes the teacher model."""
+        return self.scores["teacher"] if self.exact_teacher else self.scores["proxy"]
 
     def selection(self, name: str) -> Path:
         return self.out / "selections" / name
@@ -237,10 +261,13 @@ class Pipeline:
                  *(Step(f"tokenizer train {name}", TrainTokenizer(), functools.partial(self.tokenizer_config, name))
                    for name in c.tokenizers),
                  Step("train reference (D_ref)", Train(), lambda: dataclasses.replace(
-                     c.reference, corpus=str(self.corpus), split="ref", output=str(self.reference))),
-                 Step("score teacher", Score(), lambda: self.score_config("teacher", c.teacher)),
-                 Step("score reference", Score(), lambda: self.score_config("reference",
-                                                                            str(self.reference / "final")))]
+                     c.reference, corpus=str(self.corpus), split="ref", output=str(self.reference)))]
+        if self.exact_teacher:
+            steps.append(Step("score teacher", Score(), lambda: self.score_config("teacher", c.teacher)))
+        steps.append(Step("score reference", Score(), lambda: self.score_config("reference",
+                                                                                str(self.reference / "final"))))
+        if self.proxied:
+            steps.append(Step("proxy: teacher labels and a predictor", Proxy(), self.proxy_config))
         steps += [Step(f"select {name}", Select(), functools.partial(self.select_config, name))
                   for name in c.selections]
         draws = {self.draw(s): s for s in c.students if s.data in c.selections and self.draw(s) != s.data}
@@ -268,7 +295,15 @@ class Pipeline:
 
     def score_config(self, who: str, model: str) -> ScoreConfig:
         return dataclasses.replace(self.config.score, model=model, corpus=str(self.corpus), split="train",
-                                   output=str(self.scores[who]))
+                                   output=str(self.scores[who]), features=who == "reference" and self.proxied)
+
+    def proxy_config(self) -> ProxyConfig:
+        c = self.config
+        return dataclasses.replace(c.proxy, corpus=str(self.corpus), split="train",
+                                   reference=str(self.scores["reference"]), output=str(self.scores["proxy"]),
+                                   max_instances=c.score.max_instances,
+                                   exact_teacher=str(self.scores["teacher"]) if self.exact_teacher else None,
+                                   teacher=dataclasses.replace(c.score, model=c.teacher))
 
     def select_config(self, name: str, seed: int | None = None) -> SelectConfig:
         """Selection `name`, or its draw with another seed (written to `<name>@seed<N>`)."""
@@ -278,7 +313,8 @@ class Pipeline:
         if isinstance(quota, str) and quota.startswith("from:") and quota[5:] in self.config.selections:
             quota = f"from:{self.selection(quota[5:])}"
         pool = config.max_instances if config.max_instances is not None else self.config.score.max_instances
-        return dataclasses.replace(config, corpus=str(self.corpus), split="train", teacher=str(self.scores["teacher"]),
+        teacher = self.scores["proxy" if config.teacher == "proxy" else "teacher"]
+        return dataclasses.replace(config, corpus=str(self.corpus), split="train", teacher=str(teacher),
                                    reference=str(self.scores["reference"]), output=str(output),
                                    domain_quota=quota, max_instances=pool, seed=config.seed if seed is None else seed,
                                    diagnostic_splits=self.eval_splits(), diagnostic_max_instances=e.max_instances,
@@ -312,7 +348,7 @@ class Pipeline:
         corpus = PackedCorpus(config.corpus)
         steps = planned_steps(config, corpus.split("train"))
         if config.kd == "vanilla" and config.match_flops:  # as many held-out points as the others get
-            teacher = read_manifest(self.scores["teacher"])["model"]["parameters"]
+            teacher = read_manifest(self.teacher_scores())["model"]["parameters"]
             student_parameters = sum(p.numel() for p in build_model(config, corpus, corpus.load_tokenizer())
                                      .parameters())
             steps = flop_matched_steps(steps, student_parameters, teacher)
@@ -364,7 +400,8 @@ class Pipeline:
                                      reference=str(self.reference / "final"), output=str(self.points))
 
     def report_config(self) -> ReportConfig:
-        costs = [self.scores["teacher"], self.scores["reference"], self.reference]
+        costs = [self.scores["teacher"]] if self.exact_teacher else []
+        costs += [self.scores["reference"], self.reference] + ([self.scores["proxy"]] if self.proxied else [])
         if any(s.data == "seqkd" for s in self.config.students):
             costs.append(self.seqkd)
         selection = "miniplm" if "miniplm" in self.config.selections else next(iter(self.config.selections))

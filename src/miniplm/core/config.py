@@ -175,15 +175,21 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
 
 
 def hashed_fields(obj: Any) -> Any:
-    """`obj` as plain data without the fields declared `hashed=False` (at any depth)."""
+    """`obj` as plain data without the fields declared `hashed=False`, nor those declared `hashed="when-set"`
+    while they hold their default (at any depth)."""
     if dataclasses.is_dataclass(obj):
         return {f.name: hashed_fields(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if f.metadata.get("hashed", True)}
+                if f.metadata.get("hashed", True) is True
+                or f.metadata.get("hashed") == "when-set" and getattr(obj, f.name) != _default(f)}
     if isinstance(obj, dict):
         return {k: hashed_fields(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [hashed_fields(v) for v in obj]
     return obj
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def config_hash(obj: Any) -> str:
@@ -226,10 +232,12 @@ def iter_leaf_fields(cls: type, prefix: str = ""):
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", default_factory: Any = dataclasses.MISSING,
-           hashed: bool = True):
+           hashed: bool | Literal["when-set"] = True):
     """A dataclass field with the help text shown by `miniplm <cmd> --help`. `hashed=False` declares a field that
     changes how a stage runs but not what it produces (paths, progress bars, threads): it stays out of the key
-    that decides whether an output is up to date."""
+    that decides whether an output is up to date. `hashed="when-set"` declares an option added after outputs
+    were written whose default does what they did: it enters the key only when set, so existing outputs stay
+    up to date."""
     metadata = {"help": help, "hashed": hashed}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)

@@ -24,6 +24,10 @@ def init(device: torch.device) -> bool:
     return True
 
 
+def initialized() -> bool:
+    return dist.is_initialized()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -81,13 +81,15 @@ def stage_key(stage: Stage, config, inputs: dict) -> str:
 def execute(stage: Stage, config, force: bool = False, log=print) -> StageResult:
     """Run `stage` with `config` into `config.output`, or reuse what is there when it is up to date."""
     rank, world, local_rank = distributed.rank_world()
-    if world > 1:  # ranks meet at barriers below: join the process group on this rank's device
+    joins = world > 1 and not distributed.initialized()  # a stage run inside another's keeps the outer group
+    if joins:  # ranks meet at barriers below: join the process group on this rank's device
         distributed.init(resolve_device(getattr(config, "device", "auto"), local_rank))
     try:
         with output_lock(config.output) if rank == 0 else contextlib.nullcontext():
             return _execute(stage, config, force, log, rank)
     finally:
-        distributed.finish()
+        if joins:
+            distributed.finish()
 
 
 def _execute(stage: Stage, config, force: bool, log, rank: int) -> StageResult:

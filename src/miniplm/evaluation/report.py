@@ -85,13 +85,19 @@ def cost_rows(stage_dirs: list[Path]) -> list[dict]:
             n, d = m["model"]["parameters"], m["tokens"]
             rows.append({"stage": f"train {directory.name} ({m['config']['split']})", "parameters": n, "tokens": d,
                          "flops": training_flops(n, d)})
+        elif stage == "proxy":  # the teacher's labels and the predictor; the reference pass is its own row
+            cost = m["summary"]["cost"]
+            rows.append({"stage": f"proxy ({m['model']['spec']} labels {m['summary']['label_fraction']:.0%}, "
+                                  f"predictor)", "parameters": m["model"]["parameters"],
+                         "tokens": cost["teacher_labels"]["tokens"], "flops": cost["teacher_labels"]["flops"]})
         elif stage == "generate":
             n = m.get("model", {}).get("parameters", 0)
             d = m["splits"]["train"]["tokens"]  # prompts are read once, continuations generated one by one
             rows.append({"stage": f"generate ({m['config']['model']})", "parameters": n, "tokens": d,
                          "flops": forward_flops(n, d)})
         else:
-            raise ValueError(f"costs: {directory} is not a score, train or generate output (no such manifest)")
+            raise ValueError(f"costs: {directory} is not a score, proxy, train or generate output (no such "
+                             f"manifest)")
         rows[-1]["seconds"] = m.get("wall_seconds")
     return rows
 

@@ -30,6 +30,7 @@ import torch
 
 from miniplm.core import distributed
 from miniplm.core.config import Compute, ConfigError, option, require_at_least_one
+from miniplm.core.hashing import file_sha256
 from miniplm.core.manifest import open_parts, part_path, read_manifest, update_plan
 from miniplm.core.models import (
     context_length,
@@ -74,9 +75,11 @@ class ScoreConfig(Compute):
         hashed=False)
     part_tokens: int = option(1 << 18, "tokens per output part: the unit of resume and of work across workers")
     max_instances: int | None = option(None, "score only the first N instances of the split (quick runs)")
+    instances: str | None = option(None, "score only the instance ids listed in this .npy file (sorted, distinct; "
+                                   "what `miniplm proxy` gives the teacher to label)", hashed="when-set")
     features: bool = option(False, "also store, per instance, the mean final hidden state (fp16) and quantiles "
                             "of the per-token log-probs: what `miniplm proxy` predicts the teacher from (store "
-                            "them when scoring the reference)")
+                            "them when scoring the reference)", hashed="when-set")
     executor: Literal["local", "ray"] = option("local", "local (one process, or each torchrun rank) or ray",
                                                hashed=False)
     ray_address: str | None = option(None, "existing Ray cluster address (null: start a local Ray)", hashed=False)
@@ -135,7 +138,7 @@ def score_part(scorer, split: PackedSplit, job: ScoreJob, part: int) -> pa.Table
     columns: list[list[np.ndarray]] = []
     ids = []
     for batch in plan_batches(indices, job.lengths, job.config.batch_tokens):
-        instances = [split[int(i)] for i in batch]
+        instances = [split[int(job.instance_ids[i])] for i in batch]
         result = scorer.score_with_features(instances) if job.config.features else scorer.score(instances)
         ids.append(job.instance_ids[batch])
         columns.append(list(result))
@@ -159,7 +162,7 @@ def read_scores(output: str | Path) -> pa.Table:
     """All rows of a finished scoring run, sorted by instance_id."""
     output = Path(output)
     manifest = read_manifest(output)
-    if manifest is None or manifest.get("stage") != "score":
+    if manifest is None or manifest.get("stage") not in ("score", "proxy"):  # a proxy table has the same rows
         raise FileNotFoundError(f"{output} holds no finished scoring run (no score manifest.json)")
     parts = sorted((output / "parts").glob("part-*.parquet"))
     table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else SCORE_SCHEMA.empty_table()
@@ -171,7 +174,24 @@ def _plan(config: ScoreConfig, corpus: PackedCorpus, output: Path) -> ScoreJob:
     count = len(split) if config.max_instances is None else min(config.max_instances, len(split))
     lengths = split.table.column("n_tokens").to_numpy()[:count].astype(np.int64)
     instance_ids = split.table.column("instance_id").to_numpy()[:count]
+    if config.instances is not None:
+        wanted = subset_ids(config.instances, count, f"{corpus.path}/{config.split}")
+        lengths, instance_ids = lengths[wanted], instance_ids[wanted]
     return ScoreJob(config, output, lengths, instance_ids, plan_parts(lengths, config.part_tokens))
+
+
+def subset_ids(path: str | Path, count: int, where: str) -> np.ndarray:
+    """The instance ids of an `instances` file, checked: integers, sorted, distinct, within the split."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"instances: {path} is not a .npy array of instance ids ({exc})") from None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"instances: {path} holds a {ids.dtype} array of shape {ids.shape}, not a list of ids")
+    if len(ids) and (ids[0] < 0 or ids[-1] >= count or np.any(np.diff(ids) <= 0)):
+        raise ValueError(f"instances: {path} must list distinct ids in increasing order within the {count:,} "
+                         f"instances of {where}")
+    return ids.astype(np.int64)
 
 
 class Score(Stage):
@@ -180,8 +200,11 @@ class Score(Stage):
     in_place = True  # parts survive a kill
 
     def inputs(self, config: ScoreConfig, log) -> dict:
-        return {"corpus": PackedCorpus(config.corpus).key, "model": source_fingerprint(config.model),
-                "tokenizer": source_fingerprint(config.tokenizer) if config.tokenizer else None}
+        inputs = {"corpus": PackedCorpus(config.corpus).key, "model": source_fingerprint(config.model),
+                  "tokenizer": source_fingerprint(config.tokenizer) if config.tokenizer else None}
+        if config.instances:
+            inputs["instances"] = file_sha256(config.instances)
+        return inputs
 
     def intact(self, output: Path, manifest: dict) -> bool:
         return len(list((output / "parts").glob("part-*.parquet"))) == manifest["parts"]

@@ -113,7 +113,7 @@ class ScoreArrays:
         """Join one scoring run, refusing runs of another corpus, unfinished runs and missing rows."""
         run = Path(run_dir)
         manifest = read_manifest(run)
-        if manifest is None or manifest.get("stage") != "score":
+        if manifest is None or manifest.get("stage") not in ("score", "proxy"):  # a proxy table reads alike
             plan = read_plan(run)
             if plan is not None and "parts" in plan:
                 parts = plan["parts"]
