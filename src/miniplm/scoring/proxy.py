@@ -72,8 +72,8 @@ class ProxyConfig(Progress):
     hidden: bool = option(True, "use the reference's pooled hidden state as features (false: its log-prob "
                           "statistics, length and domain only)")
     seed: int = option(10, "seed of the random first sample and of the cross-validation folds")
-    max_instances: int | None = option(None, "the pool: the first N instances of the split (what the reference "
-                                       "scored; null: all)")
+    max_instances: int | None = option(None, "the pool: the first N instances of the split (null: the instances "
+                                       "the reference scored)")
     exact_teacher: str | None = option(None, "an exact teacher score run of the same pool, for the report only: "
                                        "precision and recall of the kept set against the exact selection")
     teacher: ScoreConfig = field(default_factory=ScoreConfig, metadata={
@@ -119,9 +119,9 @@ def load_pool(config: ProxyConfig, corpus: PackedCorpus) -> Pool:
                          f"{scored['key']}), not {corpus.path}/{config.split} (key {corpus.key}): features and "
                          f"labels must come from the same pool; score this corpus with the reference again")
     table = corpus.split(config.split).table
-    n = table.num_rows if config.max_instances is None else min(config.max_instances, table.num_rows)
     rows = read_scores(config.reference)
     ids = rows.column("instance_id").to_numpy()
+    n = min(len(ids) if config.max_instances is None else config.max_instances, table.num_rows)
     if len(ids) < n or not np.array_equal(ids[:n], np.arange(n)):
         raise ValueError(f"reference: {config.reference} covers {len(ids):,} instances, not the first {n:,} of "
                          f"{corpus.path}/{config.split}; score the whole pool, or set max_instances")
@@ -353,7 +353,7 @@ class Proxy(Stage):
         summary = {
             "pool": pool.n, "labelled": int(labels.labelled.sum()), "label_fraction": config.label_fraction,
             "nan_features": int((~np.isfinite(pool.features).all(1)).sum()),
-            "cross_validated": _agreement(held_out, labels.value),
+            "cross_validated": agreement(held_out, labels.value),
             "rounds": records,
             "cost": {"reference": {"tokens": reference["tokens_scored"], "seconds": reference["wall_seconds"],
                                    "flops": forward_flops(reference["model"]["parameters"],
@@ -388,7 +388,7 @@ def _save_ids(path: Path, ids: np.ndarray) -> None:
         np.save(fh, ids.astype(np.int64))
 
 
-def _agreement(predicted: np.ndarray, actual: np.ndarray) -> dict:
+def agreement(predicted: np.ndarray, actual: np.ndarray) -> dict:
     from scipy.stats import spearmanr
 
     ok = np.isfinite(predicted) & np.isfinite(actual)
@@ -407,7 +407,7 @@ def against_exact(config: ProxyConfig, pool: Pool, labels: Labels, predicted: np
     mine = kept(combined_r(pool, labels, predicted), pool, cut_quota)
     both = int((truth & mine).sum())
     return {"precision": both / max(int(mine.sum()), 1), "recall": both / max(int(truth.sum()), 1),
-            "unlabelled_spearman": _agreement(np.where(labels.labelled, np.nan, predicted), teacher)["spearman"]}
+            "unlabelled_spearman": agreement(np.where(labels.labelled, np.nan, predicted), teacher)["spearman"]}
 
 
 def _write_report(out: Path, config: ProxyConfig, facts: dict, pool: Pool, labels: Labels,
