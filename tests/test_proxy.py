@@ -120,3 +120,23 @@ def test_instances_without_features_are_counted_and_left_unpredicted(scored, pre
     rows = pq.read_table(tmp_path / "proxy" / "parts" / "part-000000.parquet").to_pydict()
     broken = int(table.column("instance_id")[0].as_py())
     assert rows["exact"][broken] or np.isnan(rows["logp_sum"][broken])
+
+
+def test_an_interrupted_proxy_reuses_its_finished_label_rounds(scored, prepared_corpus, tmp_path):
+    root, teacher = scored
+    config = dataclasses.replace(proxy_config(root, prepared_corpus, teacher, label_fraction=0.6, rounds=2),
+                                 output=str(tmp_path / "proxy"))
+    proxy(config, log=lambda m: None)
+    out = tmp_path / "proxy"
+    table = pq.read_table(out / "parts" / "part-000000.parquet")
+    created = {d.name: (d / "manifest.json").read_text() for d in (out / "labels").iterdir() if d.is_dir()}
+    # as a kill during the last round leaves it: no manifest, no table, the last round's scores unfinished
+    for path in (out / "manifest.json", out / "parts" / "part-000000.parquet", out / "labels" / "round-02" /
+                 "manifest.json"):
+        path.unlink()
+    logs = []
+    proxy(config, log=logs.append)
+    assert pq.read_table(out / "parts" / "part-000000.parquet").equals(table)
+    for name in ("round-00", "round-01"):  # finished rounds are not scored again
+        assert (out / "labels" / name / "manifest.json").read_text() == created[name]
+    assert (out / "labels" / "round-02" / "manifest.json").read_text() != created["round-02"]
