@@ -1,0 +1,56 @@
+"""The pre-registered decision rule of docs/results/repro_v2.md, as scripts/repro_v2.py computes it."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("repro_v2", ROOT / "scripts" / "repro_v2.py")
+repro_v2 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(repro_v2)
+
+
+def student(loss: float, seed: int, noise: np.random.Generator, n: int = 200) -> dict:
+    """A finished student whose per-instance losses average `loss` nats/token on every split."""
+    tokens = np.full(n, 100)
+    nats = (loss + noise.normal(0, 0.3, n)) * tokens
+    splits = {s: {"per_instance": {"nats": nats.tolist(), "tokens": tokens.tolist(), "bytes": (tokens * 4).tolist()},
+                  "loss_per_token": float(nats.sum() / tokens.sum()), "bits_per_byte": 0.0}
+              for s in repro_v2.SPLITS}
+    return {"name": f"x-s{seed}", "spec": {}, "manifest": {}, "splits": splits}
+
+
+def arms_with(gains: list[float], rivals: float = 0.05) -> dict:
+    """random-wd at 5.0 nats/token; miniplm-wd better by gains[i] in seed i (the same instance noise)."""
+    arms: dict = {"random-wd": {}, "miniplm-wd": {}, "teacher-ppl-wd": {}, "ref-ppl-wd": {}}
+    for seed, gain in zip(repro_v2.SEEDS, gains):
+        arms["random-wd"][seed] = student(5.0, seed, np.random.default_rng(seed))
+        arms["miniplm-wd"][seed] = student(5.0 - gain, seed, np.random.default_rng(seed))
+    for rival in ("teacher-ppl-wd", "ref-ppl-wd"):
+        arms[rival][10] = student(5.0 - gains[0] + rivals, 10, np.random.default_rng(10))
+    return arms
+
+
+@pytest.mark.parametrize("gains, rivals, outcome", [
+    ([0.05, 0.04, 0.06], 0.05, "works"),
+    ([0.05, 0.04, 0.06], -0.01, "inconclusive"),  # a perplexity selection beats it
+    ([0.05, 0.025, 0.06], 0.05, "inconclusive"),  # one seed pair under 0.03
+    ([0.01, 0.02, 0.0], 0.05, "does not work"),  # mean under 0.02
+    ([-0.05, -0.04, -0.06], 0.05, "does not work"),
+])
+def test_the_decision_follows_the_registered_thresholds(gains, rivals, outcome):
+    arms = arms_with(gains, rivals)
+    decided, why = repro_v2.decide(arms, "random-wd", "miniplm-wd", ("teacher-ppl-wd", "ref-ppl-wd"))
+    assert decided == outcome, why
+    for gain in gains:
+        assert f"{gain:+.4f}" in why  # each seed pair's paired difference, control minus arm
+
+
+def test_the_decision_waits_for_every_seed_pair():
+    arms = arms_with([0.05, 0.04, 0.06])
+    del arms["miniplm-wd"][12]
+    assert repro_v2.decide(arms, "random-wd", "miniplm-wd")[0] == "pending"
