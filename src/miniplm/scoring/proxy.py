@@ -208,7 +208,9 @@ def active_labels(config: ProxyConfig, pool: Pool, label: Callable[[int, np.ndar
     first = budget if budget == pool.n else max(1, round(config.first_fraction * budget))
     usable = np.isfinite(pool.features).all(1)
     labels = Labels(np.full(pool.n, np.nan), np.full(pool.n, -1))
-    schedule = [first] + _split(budget - first, config.rounds if budget > first else 0)
+    if budget < pool.n and min(first, int(usable.sum())) < MIN_LABELS:  # refused before any teacher time is spent
+        _too_few(min(first, int(usable.sum())))
+    schedule = [first] + _split(budget - first, config.rounds)
     records, cut_quota = [], quotas(pool, config.alpha, config.domain_quota == "proportional")
     predicted, held_out = np.full(pool.n, np.nan), np.full(pool.n, np.nan)
     for k, size in enumerate(schedule):
@@ -221,8 +223,7 @@ def active_labels(config: ProxyConfig, pool: Pool, label: Callable[[int, np.ndar
         seconds = time.time() - started
         fit_rows = labels.labelled & usable & np.isfinite(labels.value)
         if budget < pool.n and fit_rows.sum() < MIN_LABELS:
-            raise ValueError(f"label_fraction: {int(fit_rows.sum())} labelled instances with features, fewer than "
-                             f"the {MIN_LABELS} the predictor needs; raise label_fraction or first_fraction")
+            _too_few(int(fit_rows.sum()))
         fit_started = time.time()
         if budget < pool.n:
             predicted = np.full(pool.n, np.nan)
@@ -239,9 +240,14 @@ def active_labels(config: ProxyConfig, pool: Pool, label: Callable[[int, np.ndar
 
 
 def _split(total: int, parts: int) -> list[int]:
-    if parts <= 0 or total <= 0:
-        return []
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts) if total // parts or i < total]
+    """`total` labels over `parts` rounds as evenly as they go; no empty round."""
+    sizes = [total // parts + (1 if i < total % parts else 0) for i in range(max(parts, 0))]
+    return [size for size in sizes if size > 0]
+
+
+def _too_few(labelled: int) -> None:
+    raise ValueError(f"label_fraction: {labelled} labelled instances with features, fewer than the {MIN_LABELS} "
+                     f"the predictor needs; raise label_fraction or first_fraction")
 
 
 def _rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
