@@ -335,6 +335,8 @@ class Proxy(Stage):
         labels, predicted, held_out, records = active_labels(config, pool, label, log)
         if rank != 0:
             return {}
+        for record, run in zip(records, teacher_runs):  # a resumed round's time is its score run's, not ~0
+            record["label_seconds"] = run["wall_seconds"]
         teacher_logp = np.where(labels.labelled, exact_sums, predicted * pool.n_scored)
         table = pa.table({"instance_id": np.arange(pool.n, dtype=np.int64), "n_scored": pool.n_scored.astype(np.int32),
                           "logp_sum": teacher_logp, "exact": labels.labelled}, schema=PROXY_SCHEMA)
@@ -354,7 +356,9 @@ class Proxy(Stage):
         teacher = teacher_runs[-1]["model"]
         labelled_tokens = int(pool.tokens[labels.labelled].sum())
         label_seconds = sum(r["label_seconds"] for r in records)
-        throughput = labelled_tokens / max(label_seconds, 1e-9)
+        # the exact pass estimated at the label jobs' scoring throughput (model loading left out)
+        throughput = sum(r["throughput"]["tokens_this_run"] for r in teacher_runs) / max(
+            sum(r["throughput"]["scoring_seconds"] for r in teacher_runs), 1e-9)
         pool_tokens = int(pool.tokens.sum())
         summary = {
             "pool": pool.n, "labelled": int(labels.labelled.sum()), "label_fraction": config.label_fraction,
@@ -406,6 +410,9 @@ def agreement(predicted: np.ndarray, actual: np.ndarray) -> dict:
 
 def against_exact(config: ProxyConfig, pool: Pool, labels: Labels, predicted: np.ndarray, exact: pa.Table) -> dict:
     """The kept set's precision and recall against the selection exact teacher scores make."""
+    if exact.num_rows < pool.n or not np.array_equal(exact.column("instance_id").to_numpy()[: pool.n],
+                                                      np.arange(pool.n)):
+        raise ValueError(f"exact_teacher: {config.exact_teacher} does not cover the {pool.n:,} instances of the pool")
     sums = exact.column("logp_sum").to_numpy()[: pool.n]
     teacher = sums / np.maximum(exact.column("n_scored").to_numpy()[: pool.n], 1)
     cut_quota = quotas(pool, config.alpha, config.domain_quota == "proportional")
@@ -454,7 +461,7 @@ def _write_report(out: Path, config: ProxyConfig, facts: dict, pool: Pool, label
               f"| teacher labels | {cost['teacher_labels']['tokens']:,} | {cost['teacher_labels']['flops']:.3g} | "
               f"{cost['teacher_labels']['seconds']} |", f"| predictor | - | - | {cost['predictor_seconds']} |",
               f"| **proxy in all** | | | {offline:.1f} |",
-              f"| exact teacher pass (estimated from the labels' throughput) | "
+              f"| exact teacher pass (estimated at the label jobs' scoring throughput) | "
               f"{cost['exact_teacher_estimate']['tokens']:,} | {cost['exact_teacher_estimate']['flops']:.3g} | "
               f"{cost['exact_teacher_estimate']['seconds']} |", ""]
     if "against_exact" in s:
