@@ -1,9 +1,10 @@
 """`miniplm run CONFIG.yaml`: the whole MiniPLM pipeline, one stage after another, each skipped when done.
 
-prepare -> train the reference on D_ref -> score with the teacher and the reference -> select (Difference
-Sampling and any baselines) -> [generate a SeqKD corpus] -> export each student's data (re-tokenized for
-another family) -> train students and baselines, recording held-out loss against FLOPs -> final evaluations
-(zero-shot tasks, more held-out splits) -> reference points (n-gram levels, teacher, reference) -> report.
+prepare -> train the reference on D_ref -> score with the teacher and the reference -> [proxy: the teacher
+labels a fraction, a predictor the rest] -> select (Difference Sampling and any baselines) -> [generate a SeqKD
+corpus] -> export each student's data (re-tokenized for another family) -> for each student and baseline:
+train, recording held-out loss against FLOPs, then its final evaluation (zero-shot tasks, more held-out splits)
+-> reference points (n-gram levels, teacher, reference) -> report.
 
 `RunConfig` holds every stage's own typed config, so a whole run is checked when it is loaded: a bad key or
 value anywhere is refused, with its dotted path, before the first stage starts. Each stage runs through the
@@ -281,10 +282,9 @@ class Pipeline:
                 exports.setdefault(self.data(s), s)
         steps += [Step(f"export {path.name}", Export(), functools.partial(self.export_config, s))
                   for path, s in exports.items()]
-        steps += [Step(f"train {s.name}", Train(), functools.partial(self.student_train_config, s))
-                  for s in c.students]
-        steps += [Step(f"evaluate {s.name}", FinalEval(), functools.partial(self.final_eval_config, s))
-                  for s in c.students]
+        for s in c.students:  # each student evaluated as soon as it is trained: an interrupted run keeps its results
+            steps += [Step(f"train {s.name}", Train(), functools.partial(self.student_train_config, s)),
+                      Step(f"evaluate {s.name}", FinalEval(), functools.partial(self.final_eval_config, s))]
         steps += [Step("reference points", ReferencePoints(), self.reference_points_config),
                   Step("report", Report(), self.report_config)]
         return steps
