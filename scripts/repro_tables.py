@@ -27,7 +27,8 @@ from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, measured
 STUDENT_FILES = ("eval.jsonl", "metrics.jsonl", TASKS_FILE, SPLITS_FILE, "manifest.json")
 STAGE_FILES = {"scores/teacher": ("manifest.json",), "scores/reference": ("manifest.json",),
                "reference": ("manifest.json", "metrics.jsonl", "validation.jsonl"), "seqkd": ("manifest.json",),
-               "corpus": ("manifest.json",), "report": ("results.json",)}
+               "corpus": ("manifest.json",), "report": ("results.json",),
+               "scores/proxy": ("manifest.json", "summary.json", "report.md")}
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 
 

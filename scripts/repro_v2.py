@@ -202,7 +202,7 @@ def render(results: Path) -> str:
     mixes = {s.name: _json(s / "manifest.json").get("domains", {}) for s in sorted((results / "selections").glob("*"))}
     mixes = {name: mix for name, mix in mixes.items() if mix}
     if mixes:
-        pool = next(iter(mixes.values()))
+        pool = max(mixes.values(), key=lambda mix: sum(d["tokens"] for d in mix.values()))  # the whole pool
         total = sum(d["tokens"] for d in pool.values())
         out += ["", "Token share per domain, in %: the pool, then each selection's kept half.", "",
                 "| domain | pool | " + " | ".join(mixes) + " |", "|---" * (2 + len(mixes)) + "|"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +56,12 @@ def test_the_decision_waits_for_every_seed_pair():
     arms = arms_with([0.05, 0.04, 0.06])
     del arms["miniplm-wd"][12]
     assert repro_v2.decide(arms, "random-wd", "miniplm-wd")[0] == "pending"
+
+
+def test_the_committed_tables_regenerate_from_the_committed_results(tmp_path):
+    document = ROOT / "docs" / "results" / "repro_v2.md"
+    copy = tmp_path / "repro_v2.md"
+    copy.write_text(document.read_text())
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "repro_v2.py"), str(ROOT / "results" / "repro_v2"),
+                    str(copy)], check=True, capture_output=True)
+    assert copy.read_text() == document.read_text()
