@@ -30,12 +30,16 @@ STAGE_FILES = {"scores/teacher": ("manifest.json",), "scores/reference": ("manif
                "corpus": ("manifest.json",), "report": ("results.json",),
                "scores/proxy": ("manifest.json", "summary.json", "report.md")}
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
+KEPT = ("zero_shot_check",)  # results measured outside the run (a registered check), kept by `collect`
 
 
 def collect(run: Path, results: Path) -> None:
+    """Replace everything in `results` but the checks added by hand (KEPT), which no run writes."""
     if results.exists():
-        shutil.rmtree(results)
-    results.mkdir(parents=True)
+        for path in results.iterdir():
+            if path.name not in KEPT:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    results.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "run_config.json", results / "run_config.json")
     if (run / "reference_points" / POINTS_FILE).is_file():
         shutil.copy(run / "reference_points" / POINTS_FILE, results / POINTS_FILE)
