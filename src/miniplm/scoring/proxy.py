@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from miniplm.core import distributed
 from miniplm.core.config import ConfigError, Progress, option
 from miniplm.core.flops import forward_flops
+from miniplm.core.hashing import uniform_hash
 from miniplm.core.manifest import read_manifest, update_plan, write_json_atomic
 from miniplm.core.stage import Stage, StageResult, execute
 from miniplm.core.tokenizer import source_fingerprint
@@ -175,8 +176,6 @@ def quotas(pool: Pool, alpha: float, per_domain: bool) -> dict[int | None, int]:
 
 def stratified_sample(pool: Pool, count: int, seed: int) -> np.ndarray:
     """`count` instances drawn without replacement, each domain its share (largest remainder), seeded."""
-    from miniplm.core.hashing import uniform_hash
-
     counts = np.bincount(pool.domain, minlength=len(pool.domain_names))
     exact = counts / counts.sum() * count
     take = np.floor(exact).astype(int)
