@@ -165,24 +165,24 @@ def quotas(pool: Pool, alpha: float, per_domain: bool) -> dict[int | None, int]:
     """How many instances the selection keeps: overall, or per domain (the pool's shares, as `select`)."""
     if not per_domain:
         return {None: math.floor(alpha * pool.n)}
-    counts = np.bincount(pool.domain, minlength=len(pool.domain_names))
-    target = math.floor(alpha * pool.n)
-    exact = counts / counts.sum() * target
-    kept = np.floor(exact).astype(int)
-    for d in np.argsort(-(exact - kept), kind="stable")[: target - kept.sum()]:
-        kept[d] += 1
-    return {d: int(k) for d, k in enumerate(kept)}
+    shares = _largest_remainder(np.bincount(pool.domain, minlength=len(pool.domain_names)), math.floor(alpha * pool.n))
+    return {d: int(k) for d, k in enumerate(shares)}
+
+
+def _largest_remainder(counts: np.ndarray, total: int) -> np.ndarray:
+    """`total` split over the domains in proportion to `counts`, the rounding left to the largest remainders."""
+    exact = counts / counts.sum() * total
+    shares = np.floor(exact).astype(int)
+    for d in np.argsort(-(exact - shares), kind="stable")[: total - shares.sum()]:
+        shares[d] += 1
+    return shares
 
 
 def stratified_sample(pool: Pool, count: int, seed: int) -> np.ndarray:
     """`count` instances drawn without replacement, each domain its share (largest remainder), seeded."""
-    counts = np.bincount(pool.domain, minlength=len(pool.domain_names))
-    exact = counts / counts.sum() * count
-    take = np.floor(exact).astype(int)
-    for d in np.argsort(-(exact - take), kind="stable")[: count - take.sum()]:
-        take[d] += 1
+    take = _largest_remainder(np.bincount(pool.domain, minlength=len(pool.domain_names)), count)
     order = np.argsort(uniform_hash(seed, np.arange(pool.n)), kind="stable")
-    chosen = [order[pool.domain[order] == d][: take[d]] for d in range(len(counts))]
+    chosen = [order[pool.domain[order] == d][: take[d]] for d in range(len(take))]
     return np.sort(np.concatenate(chosen))
 
 
