@@ -30,6 +30,8 @@ STAGE_FILES = {"scores/teacher": ("manifest.json",), "scores/reference": ("manif
                "corpus": ("manifest.json",), "report": ("results.json",),
                "scores/proxy": ("manifest.json", "summary.json", "report.md")}
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
+# the teacher's score table (the run's most expensive offline output, ~270 KB): copied whole, parts included
+WHOLE = ("scores/teacher",)
 KEPT = ("zero_shot_check",)  # results measured outside the run (a registered check), kept by `collect`
 
 
@@ -48,6 +50,9 @@ def collect(run: Path, results: Path) -> None:
             if (run / stage / name).is_file():
                 (results / stage).mkdir(parents=True, exist_ok=True)
                 shutil.copy(run / stage / name, results / stage / name)
+    for stage in WHOLE:  # the expensive tables themselves, so that a fresh machine need not redo them
+        if (run / stage / "manifest.json").is_file():
+            shutil.copytree(run / stage, results / stage, dirs_exist_ok=True)
     for selection in sorted((run / "selections").glob("*")):
         target = results / "selections" / selection.name
         target.mkdir(parents=True)
