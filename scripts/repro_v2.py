@@ -76,53 +76,66 @@ def _mean_std(values: list[float], digits: int = 4) -> str:
 
 
 def decide(arms: dict, control: str, arm: str, rivals: tuple[str, ...] = ()) -> tuple[str, str]:
-    """The pre-registered outcome of `arm` against `control`, and why."""
+    """The pre-registered outcome of `arm` against `control`, and every figure the rule reads."""
     d = differences(arms, control, arm)
     if set(d) != set(SEEDS) or any(PRIMARY not in d[s] for s in SEEDS):
         return "pending", f"{len(d)} of {len(SEEDS)} seed pairs finished"
     primary = [d[s][PRIMARY]["loss_per_token"] for s in SEEDS]
     why = f"d on {PRIMARY}: " + ", ".join(f"{x:+.4f}" for x in primary) + f" (mean {np.mean(primary):+.4f})"
-    if np.mean(primary) < DOES_NOT:
-        return "does not work", why
     clauses = [min(primary) >= WORKS]
     for split in SPLITS[1:]:
         mean = np.mean([d[s][split]["loss_per_token"] for s in SEEDS])
         why += f"; mean d on {split} {mean:+.4f}"
         clauses.append(mean > NOT_WORSE)
+    rivals_pending = False
     for rival in rivals:
         if 10 not in arms.get(rival, {}):
-            return "pending", why + f"; {rival} not finished"
+            why += f"; {rival} not finished"
+            rivals_pending = True
+            continue
         rd = differences(arms, rival, arm)[10][PRIMARY]["loss_per_token"]
         why += f"; {rival} - {arm} on {PRIMARY} (seed 10) {rd:+.4f}"
         clauses.append(rd > 0)
+    if np.mean(primary) < DOES_NOT:  # whatever the other clauses say
+        return "does not work", why
+    if rivals_pending:
+        return "pending", why
     return ("works" if all(clauses) else "inconclusive"), why
+
+
+def tier(arms: dict, points: dict) -> tuple[str, str]:
+    """The tier the no-kd students reached ("scale", "CPU", "none", or "pending"), and the figures behind it."""
+    base = [s["splits"][PRIMARY]["loss_per_token"] for s in arms.get("no-kd", {}).values() if PRIMARY in s["splits"]]
+    level = points.get(PRIMARY, {})
+    unigram = level.get("unigram [bpe8k]", {}).get("loss_per_token")
+    bigram = level.get("bigram [bpe8k]", {}).get("loss_per_token")
+    if len(base) < len(SEEDS) or unigram is None or bigram is None:
+        return "pending", "pending (the no-kd students of every seed and the reference points)"
+    mean = float(np.mean(base))
+    reached = "scale" if mean <= bigram - TIER_SCALE else "CPU" if mean <= unigram - TIER_CPU else "none"
+    return reached, (f"no-kd (llama-small, {len(base)} seeds) on {PRIMARY}: {mean:.4f} nats/token; unigram "
+                     f"{unigram:.4f} ({unigram - mean:+.4f} below), Kneser-Ney bigram {bigram:.4f} "
+                     f"({bigram - mean:+.4f} below), both fitted on the scored pool in bpe8k. "
+                     f"Tier reached: **{reached}**.")
 
 
 def render(results: Path) -> str:
     arms = load(results)
     points = _json(results / "reference_points.json").get("levels", {})
+    reached, tier_text = tier(arms, points)
     out = ["### Decision (pre-registered rule)", ""]
     for label, control, arm, rivals in (("primary", "random-wd", "miniplm-wd", ("teacher-ppl-wd", "ref-ppl-wd")),
                                         ("global vs no-KD", "no-kd", "miniplm", ()),
                                         ("global vs domain-matched", "random-mix", "miniplm", ())):
         outcome, why = decide(arms, control, arm, rivals)
+        if outcome != "pending" and reached == "pending":
+            outcome, why = "pending", why + "; the tier is not known yet"
+        elif outcome != "pending" and reached == "none":  # the rule: no tier, no verdict on the differences
+            outcome, why = "inconclusive: setting not reached", why + f" (the rule alone: {outcome})"
+        elif outcome != "pending":
+            why += f"; {reached} tier"
         out.append(f"- **{label}** ({arm} against {control}): **{outcome}**; {why}.")
-    out.append("")
-
-    out += ["### Tier", ""]
-    base = [s["splits"][PRIMARY]["loss_per_token"] for s in arms.get("no-kd", {}).values() if PRIMARY in s["splits"]]
-    level = points.get(PRIMARY, {})
-    unigram, bigram = level.get("unigram [bpe8k]", {}).get("loss_per_token"), \
-        level.get("bigram [bpe8k]", {}).get("loss_per_token")
-    if base and unigram is not None and bigram is not None:
-        mean = float(np.mean(base))
-        tier = "scale" if mean <= bigram - TIER_SCALE else "CPU" if mean <= unigram - TIER_CPU else "none"
-        out.append(f"no-kd (llama-small, {len(base)} seeds) on {PRIMARY}: {mean:.4f} nats/token; unigram "
-                   f"{unigram:.4f} ({unigram - mean:+.4f} below), Kneser-Ney bigram {bigram:.4f} "
-                   f"({bigram - mean:+.4f} below), both fitted on the scored pool in bpe8k. Tier reached: **{tier}**.")
-    else:
-        out.append("pending (no-kd students and the reference points)")
-    out.append("")
+    out += ["", "### Tier", "", tier_text, ""]
 
     out += ["### Students (final loss, nats/token / bits per byte; mean ± sample std over seeds)", "",
             "| arm | model | tokenizer | data | KD | seeds | params | tokens | " + " | ".join(SPLITS) + " |",

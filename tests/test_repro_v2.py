@@ -23,7 +23,8 @@ def student(loss: float, seed: int, noise: np.random.Generator, n: int = 200) ->
     splits = {s: {"per_instance": {"nats": nats.tolist(), "tokens": tokens.tolist(), "bytes": (tokens * 4).tolist()},
                   "loss_per_token": float(nats.sum() / tokens.sum()), "bits_per_byte": 0.0}
               for s in repro_v2.SPLITS}
-    return {"name": f"x-s{seed}", "spec": {}, "manifest": {}, "splits": splits}
+    return {"name": f"x-s{seed}", "spec": {}, "manifest": {"model": {"parameters": 10**6}, "tokens": n * 100},
+            "splits": splits}
 
 
 def arms_with(gains: list[float], rivals: float = 0.05) -> dict:
@@ -65,3 +66,20 @@ def test_the_committed_tables_regenerate_from_the_committed_results(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "repro_v2.py"), str(ROOT / "results" / "repro_v2"),
                     str(copy)], check=True, capture_output=True)
     assert copy.read_text() == document.read_text()
+
+
+@pytest.mark.parametrize("no_kd, outcome", [(5.5, "does not work"), (6.5, "inconclusive: setting not reached")])
+def test_no_verdict_on_the_differences_below_the_registered_tier(no_kd, outcome, tmp_path, monkeypatch):
+    """The rule's outcome stands only if no-kd ends >= 1.0 nat/token below the unigram level (here 7.0)."""
+    arms = arms_with([-0.05, -0.04, -0.06])
+    arms["no-kd"] = {seed: student(no_kd, seed, np.random.default_rng(seed)) for seed in repro_v2.SEEDS}
+    points = {"heldout": {"unigram [bpe8k]": {"loss_per_token": 7.0, "bits_per_byte": 2.5},
+                          "bigram [bpe8k]": {"loss_per_token": 5.0, "bits_per_byte": 1.8}}}
+    reached, text = repro_v2.tier(arms, points)
+    assert reached == ("CPU" if no_kd == 5.5 else "none"), text
+    assert repro_v2.tier(arms, {})[0] == "pending"
+    monkeypatch.setattr(repro_v2, "load", lambda results: arms)
+    monkeypatch.setattr(repro_v2, "_json",
+                        lambda path: {"levels": points} if path.name == "reference_points.json" else {})
+    rendered = repro_v2.render(tmp_path)
+    assert f"- **primary** (miniplm-wd against random-wd): **{outcome}**" in rendered
