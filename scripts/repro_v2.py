@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from miniplm.core.metrics import paired_difference
-from miniplm.evaluation.scaling import measured_saving, read_curve
+from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, measured_saving, read_curve
 
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 PRIMARY, SPLITS, SEEDS = "heldout", ("heldout", "heldout_hq", "heldout_unseen"), (10, 11, 12)
@@ -168,10 +168,12 @@ def render(results: Path) -> str:
             out.append(f"| {control} | {arm} | **all {len(d)}** | " + " | ".join(cells) + " |")
     out.append("")
 
-    out += ["### Compute saving against no-KD of the same model, tokenizer and seed (measured curves only)", "",
+    out += ["### Compute saving against no-KD of the same model, tokenizer and seed "
+            "(only where measured points bracket)", "",
             "Read off the measured held-out curves at the loss both runs reach (interpolated between the two "
             "points that bracket it); 'not bracketed' where the points do not reach it, since no extrapolation "
-            "is quoted.", "", "| student | baseline | saving |", "|---|---|---|"]
+            "is quoted; beside it, the saving of the fitted L(C) = A*C^-a + L_inf curves (4 points each) at the same "
+            "loss.", "", "| student | baseline | measured saving | fitted saving |", "|---|---|---|---|"]
     for seeds in arms.values():
         spec = next(iter(seeds.values()))["spec"]
         if spec.get("data") == "all" and spec.get("kd", "none") == "none":
@@ -183,9 +185,14 @@ def render(results: Path) -> str:
                          and s[seed]["spec"].get("tokenizer") == spec.get("tokenizer")), None)
             if base is None or spec.get("data") in ("seqkd", "first-160"):
                 continue
-            saving = measured_saving(read_curve(base["dir"]), read_curve(student["dir"]))
+            base_curve, curve = read_curve(base["dir"]), read_curve(student["dir"])
+            saving = measured_saving(base_curve, curve)
+            fitted = "-"
+            if np.isfinite(saving):  # a fit is quoted only where the measured points bracket the loss
+                target = max(base_curve[1][-1], curve[1][-1])
+                fitted = f"{compute_saving(fit_scaling_law(*base_curve), fit_scaling_law(*curve), target):.3g}x"
             out.append(f"| {student['name']} | {base['name']} | "
-                       + (f"{saving:.3g}x" if np.isfinite(saving) else "not bracketed") + " |")
+                       + (f"{saving:.3g}x" if np.isfinite(saving) else "not bracketed") + f" | {fitted} |")
     out.append("")
 
     out += ["### Reference points (nats/token / bits per byte, on the students' instances)", "",
