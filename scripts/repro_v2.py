@@ -153,6 +153,15 @@ def render(results: Path) -> str:
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
 
+    out += ["### Each student (nats/token [95% bootstrap interval over instances] / bits per byte)", "",
+            "| student | " + " | ".join(SPLITS) + " |", "|---" * (1 + len(SPLITS)) + "|"]
+    for seeds in arms.values():
+        for student in seeds.values():
+            cells = [f"{v['loss_per_token']:.4f} [{v['loss_per_token_ci95'][0]:.3f}, {v['loss_per_token_ci95'][1]:.3f}]"
+                     f" / {v['bits_per_byte']:.4f}" if (v := student["splits"].get(split)) else "-" for split in SPLITS]
+            out.append(f"| {student['name']} | " + " | ".join(cells) + " |")
+    out.append("")
+
     out += ["### Paired differences (control minus arm, nats/token; positive: the arm is better)", "",
             "Per seed: the difference on the same instances with its 95% bootstrap interval over instances. "
             "Across seeds: mean ± sample std of the per-seed differences.", "",
