@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from miniplm.evaluation.final import POINTS_FILE, SPLITS_FILE, TASKS_FILE
 from miniplm.evaluation.report import cost_rows
@@ -50,6 +51,10 @@ def collect(run: Path, results: Path) -> None:
             if (run / stage / name).is_file():
                 (results / stage).mkdir(parents=True, exist_ok=True)
                 shutil.copy(run / stage / name, results / stage / name)
+    for split in sorted((run / "corpus").glob("heldout*/instances.parquet")):
+        # which domain each evaluated instance comes from, in evaluation order (per-domain differences)
+        table = pq.read_table(split, columns=["instance_id", "domain", "n_tokens"])
+        pq.write_table(table, results / "corpus" / f"{split.parent.name}.parquet")
     for stage in WHOLE:  # the expensive tables themselves, so that a fresh machine need not redo them
         if (run / stage / "manifest.json").is_file():
             shutil.copytree(run / stage, results / stage, dirs_exist_ok=True)

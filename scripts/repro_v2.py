@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from miniplm.core.metrics import paired_difference
 from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, measured_saving, read_curve
@@ -176,6 +177,46 @@ def render(results: Path) -> str:
             cells = [_mean_std([d[s][split]["loss_per_token"] for s in d if split in d[s]]) for split in SPLITS]
             out.append(f"| {control} | {arm} | **all {len(d)}** | " + " | ".join(cells) + " |")
     out.append("")
+
+    domains_file = results / "corpus" / f"{PRIMARY}.parquet"
+    if domains_file.is_file():
+        domain = np.array(pq.read_table(domains_file, columns=["domain"]).column("domain").to_pylist())
+        names = sorted(set(domain))
+        out += [f"### Paired differences on {PRIMARY} by domain (control minus arm, nats/token; mean ± sample "
+                "std over seeds)", "", "Where on the whole mix an arm gains or loses: the same paired "
+                "differences restricted to each domain's instances (token-weighted).", "",
+                "| control | arm | " + " | ".join(f"{n} ({int((domain == n).sum())})" for n in names) + " |",
+                "|---" * (2 + len(names)) + "|"]
+        for control, arm in PAIRS[:3]:
+            per_seed = []
+            for seed in sorted(set(arms.get(control, {})) & set(arms.get(arm, {}))):
+                a = arms[control][seed]["splits"].get(PRIMARY, {}).get("per_instance")
+                b = arms[arm][seed]["splits"].get(PRIMARY, {}).get("per_instance")
+                if a is None or b is None or len(a["nats"]) != len(domain):
+                    continue
+                gap, tokens = np.subtract(a["nats"], b["nats"]), np.asarray(a["tokens"])
+                per_seed.append([gap[domain == n].sum() / tokens[domain == n].sum() for n in names])
+            if per_seed:
+                cells = [_mean_std([row[i] for row in per_seed], 3) for i in range(len(names))]
+                out.append(f"| {control} | {arm} | " + " | ".join(cells) + " |")
+        out.append("")
+
+    kept_file = results / "selections" / "miniplm-wd" / "instances.parquet"
+    if kept_file.is_file():
+        table = pq.read_table(kept_file, columns=["domain", "n_tokens", "teacher_logp", "ref_logp", "selected"])
+        domain = np.array(table.column("domain").to_pylist())
+        tokens, kept = table.column("n_tokens").to_numpy(), table.column("selected").to_numpy()
+        teacher, ref = -table.column("teacher_logp").to_numpy(), -table.column("ref_logp").to_numpy()
+        out += ["### What Difference Sampling keeps and drops inside each domain (miniplm-wd)", "",
+                "Mean loss of the teacher and of the reference (nats/token, teacher tokenizer, token-weighted) on "
+                "the pool instances `miniplm-wd` keeps and on those it drops.", "",
+                "| domain | pool instances | kept: teacher | kept: reference | dropped: teacher | dropped: reference |",
+                "|---|---|---|---|---|---|"]
+        for name in sorted(set(domain)):
+            cells = [f"{np.average(loss[(domain == name) & side], weights=tokens[(domain == name) & side]):.3f}"
+                     for side in (kept, ~kept) for loss in (teacher, ref)]
+            out.append(f"| {name} | {int((domain == name).sum()):,} | " + " | ".join(cells) + " |")
+        out.append("")
 
     out += ["### Compute saving against no-KD of the same model, tokenizer and seed "
             "(only where measured points bracket)", "",
