@@ -21,7 +21,8 @@ def student(loss: float, seed: int, noise: np.random.Generator, n: int = 200) ->
     tokens = np.full(n, 100)
     nats = (loss + noise.normal(0, 0.3, n)) * tokens
     splits = {s: {"per_instance": {"nats": nats.tolist(), "tokens": tokens.tolist(), "bytes": (tokens * 4).tolist()},
-                  "loss_per_token": float(nats.sum() / tokens.sum()), "bits_per_byte": 0.0}
+                  "loss_per_token": float(nats.sum() / tokens.sum()), "bits_per_byte": 0.0,
+                  "loss_per_token_ci95": [0.0, 0.0]}
               for s in repro_v2.SPLITS}
     return {"name": f"x-s{seed}", "spec": {}, "manifest": {"model": {"parameters": 10**6}, "tokens": n * 100},
             "splits": splits}
