@@ -29,7 +29,8 @@ WORKS, DOES_NOT, NOT_WORSE, TIER_CPU, TIER_SCALE = 0.03, 0.02, -0.02, 1.0, 0.2
 # (control, arm): the comparisons the rule and the text use, by arm name (a student `<arm>-s<seed>` is its seed)
 PAIRS = [("random-wd", "miniplm-wd"), ("no-kd", "miniplm"), ("random-mix", "miniplm"), ("no-kd", "random-wd"),
          ("no-kd", "miniplm-wd"), ("no-kd", "random-mix"), ("teacher-ppl-wd", "miniplm-wd"),
-         ("ref-ppl-wd", "miniplm-wd"), ("mini-random-wd", "mini-miniplm-wd"), ("mini-no-kd", "mini-miniplm"),
+         ("ref-ppl-wd", "miniplm-wd"), ("miniplm", "miniplm-proxy"), ("no-kd", "miniplm-proxy"),
+         ("mini-random-wd", "mini-miniplm-wd"), ("mini-no-kd", "mini-miniplm"),
          ("neox-random-wd", "neox-miniplm-wd"), ("neox-no-kd", "neox-miniplm-wd"), ("tt-no-kd", "tt-kd"),
          ("tt-first-160", "tt-seqkd")]
 
@@ -44,10 +45,12 @@ def _arm_seed(name: str) -> tuple[str, int]:
 
 
 def load(results: Path) -> dict:
-    """{arm: {seed: student}} of the finished students: their spec, manifest, curve and final evaluations."""
+    """{arm: {seed: student}} of the finished students, in the run config's order: their spec, manifest, curve
+    and final evaluations."""
     specs = {s["name"]: s for s in _json(results / "run_config.json").get("students", [])}
     arms: dict[str, dict[int, dict]] = {}
-    for directory in sorted((results / "students").glob("*")):
+    found = {d.name: d for d in (results / "students").glob("*")}
+    for directory in [found[n] for n in specs if n in found] + [found[n] for n in sorted(set(found) - set(specs))]:
         splits = _json(directory / "eval_splits.json").get("splits", {})
         if not splits:
             continue
