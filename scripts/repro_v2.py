@@ -117,10 +117,13 @@ def tier(arms: dict, points: dict) -> tuple[str, str]:
         return "pending", "pending (the no-kd students of every seed and the reference points)"
     mean = float(np.mean(base))
     reached = "scale" if mean <= bigram - TIER_SCALE else "CPU" if mean <= unigram - TIER_CPU else "none"
+    def place(level: float) -> str:
+        return f"{level - mean:.4f} below" if mean <= level else f"{mean - level:.4f} above"
+
     return reached, (f"no-kd (llama-small, {len(base)} seeds) on {PRIMARY}: {mean:.4f} nats/token; unigram "
-                     f"{unigram:.4f} ({unigram - mean:+.4f} below), Kneser-Ney bigram {bigram:.4f} "
-                     f"({bigram - mean:+.4f} below), both fitted on the scored pool in bpe8k. "
-                     f"Tier reached: **{reached}**.")
+                     f"{unigram:.4f} ({place(unigram)}), Kneser-Ney bigram {bigram:.4f} ({place(bigram)}), both "
+                     f"fitted on the scored pool in bpe8k. Tier reached: **{reached}** (CPU: >= {TIER_CPU} below "
+                     f"the unigram; scale: also >= {TIER_SCALE} below the bigram).")
 
 
 def render(results: Path) -> str:
