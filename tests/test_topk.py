@@ -1,6 +1,9 @@
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from miniplm.core.apportion import largest_remainder
 from miniplm.selection.topk import exact_top, sortable
 
 
@@ -71,3 +74,26 @@ def test_nothing_to_keep():
     ids = np.arange(10, dtype=np.int64)
     assert exact_top(stream_of(ids, np.ones(10), np.ones(10, dtype=np.int64)), 0) is None
     assert exact_top(stream_of(ids, np.ones(10), np.full(10, 5)), 4, by_weight=True) is None
+
+
+@given(total=st.integers(0, 10_000), weights=st.lists(st.integers(0, 1_000), min_size=1, max_size=9))
+def test_largest_remainder_gives_each_its_share_within_one(total, weights):
+    """Shares sum to the total, each within one of its exact share, and a larger weight never gets less."""
+    shares = largest_remainder(total, weights)
+    if sum(weights) == 0:
+        assert shares.tolist() == [0] * len(weights)
+        return
+    exact = np.array(weights) * total / sum(weights)
+    assert shares.sum() == total
+    assert np.all(np.abs(shares - exact) < 1)
+    for i in range(len(weights)):
+        for j in range(len(weights)):
+            if weights[i] > weights[j]:
+                assert shares[i] >= shares[j]
+
+
+def test_largest_remainder_hands_the_rounding_to_the_largest_remainders_then_the_lower_index():
+    assert largest_remainder(10, [1, 1, 1]).tolist() == [4, 3, 3]  # equal remainders: the first domain
+    assert largest_remainder(7, [50, 30, 20]).tolist() == [4, 2, 1]  # 3.5, 2.1, 1.4 -> the 0.5 first
+    with pytest.raises(ValueError, match="finite weights >= 0"):
+        largest_remainder(3, [1, -1])

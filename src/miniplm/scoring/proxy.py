@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from miniplm.core import distributed
+from miniplm.core.apportion import largest_remainder
 from miniplm.core.config import ConfigError, Progress, option
 from miniplm.core.flops import forward_flops
 from miniplm.core.hashing import uniform_hash
@@ -165,22 +166,13 @@ def quotas(pool: Pool, alpha: float, per_domain: bool) -> dict[int | None, int]:
     """How many instances the selection keeps: overall, or per domain (the pool's shares, as `select`)."""
     if not per_domain:
         return {None: math.floor(alpha * pool.n)}
-    shares = _largest_remainder(np.bincount(pool.domain, minlength=len(pool.domain_names)), math.floor(alpha * pool.n))
+    shares = largest_remainder(math.floor(alpha * pool.n), np.bincount(pool.domain, minlength=len(pool.domain_names)))
     return {d: int(k) for d, k in enumerate(shares)}
-
-
-def _largest_remainder(counts: np.ndarray, total: int) -> np.ndarray:
-    """`total` split over the domains in proportion to `counts`, the rounding left to the largest remainders."""
-    exact = counts / counts.sum() * total
-    shares = np.floor(exact).astype(int)
-    for d in np.argsort(-(exact - shares), kind="stable")[: total - shares.sum()]:
-        shares[d] += 1
-    return shares
 
 
 def stratified_sample(pool: Pool, count: int, seed: int) -> np.ndarray:
     """`count` instances drawn without replacement, each domain its share (largest remainder), seeded."""
-    take = _largest_remainder(np.bincount(pool.domain, minlength=len(pool.domain_names)), count)
+    take = largest_remainder(count, np.bincount(pool.domain, minlength=len(pool.domain_names)))
     order = np.argsort(uniform_hash(seed, np.arange(pool.n)), kind="stable")
     chosen = [order[pool.domain[order] == d][: take[d]] for d in range(len(take))]
     return np.sort(np.concatenate(chosen))

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from miniplm.core.apportion import largest_remainder
 from miniplm.core.config import ConfigError, Progress, option, require_at_least_one, to_dict
 from miniplm.core.hashing import uniform_hash
 from miniplm.core.manifest import part_path, read_manifest, read_plan
@@ -176,13 +177,10 @@ def _keys(config: SelectConfig, arrays: ScoreArrays, s: slice, median: float | N
     return np.asarray(key, dtype=np.float64)
 
 
-def _largest_remainder(total: int, shares: dict[int, float], caps: dict[int, int]) -> dict[int, int]:
-    """Integer targets summing to `total`, proportional to `shares`."""
-    weight = sum(shares.values())
-    exact = {d: total * s / weight for d, s in shares.items()} if weight > 0 else {d: 0.0 for d in shares}
-    out = {d: math.floor(v) for d, v in exact.items()}
-    for d in sorted(exact, key=lambda d: (-(exact[d] - out[d]), d))[: total - sum(out.values())]:
-        out[d] += 1
+def _domain_targets(total: int, shares: dict[int, float], caps: dict[int, int]) -> dict[int, int]:
+    """Integer targets summing to `total`, proportional to `shares`, none above what its domain holds."""
+    domains = sorted(shares)
+    out = dict(zip(domains, (int(k) for k in largest_remainder(total, [shares[d] for d in domains]))))
     for d, k in out.items():
         if k > caps[d]:
             raise ValueError(f"domain quota asks {k:,} for a domain that has only {caps[d]:,} to give; lower "
@@ -267,7 +265,7 @@ class Select(Stage):
                 mix = quota_source["domains"]
                 field = "kept_tokens" if by_tokens else "kept"
                 shares = {d: float(mix.get(name, {}).get(field, 0)) for d, name in enumerate(arrays.domain_names)}
-            for d, k in _largest_remainder(target, shares, caps).items():
+            for d, k in _domain_targets(target, shares, caps).items():
                 cuts[d] = exact_top(_stream(arrays, keys_of, d, by_tokens), k, by_weight=by_tokens)
 
         domains = _write_rows(out / "instances.parquet", arrays, config, median, cuts)
