@@ -54,6 +54,7 @@ def collect(run: Path, results: Path) -> None:
     for split in sorted((run / "corpus").glob("heldout*/instances.parquet")):
         # which domain each evaluated instance comes from, in evaluation order (per-domain differences)
         table = pq.read_table(split, columns=["instance_id", "domain", "n_tokens"])
+        (results / "corpus").mkdir(exist_ok=True)
         pq.write_table(table, results / "corpus" / f"{split.parent.name}.parquet")
     for stage in WHOLE:  # the expensive tables themselves, so that a fresh machine need not redo them
         if (run / stage / "manifest.json").is_file():
