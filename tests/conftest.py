@@ -35,6 +35,25 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return path
 
 
+WIDE_OFFSET = 70_000
+
+
+def save_wide_tokenizer(path: Path, tokenizer_dir: Path, offset: int = WIDE_OFFSET) -> Path:
+    """The test tokenizer with every id moved up by `offset` behind placeholder entries: a vocabulary past
+    uint16 (as Llama-3's, Gemma's or Qwen's) whose ids for any text are exactly the test tokenizer's + offset."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    vocab = {token: i + offset for token, i in spec["model"]["vocab"].items()}
+    spec["model"]["vocab"] = {**{f"<placeholder-{i}>": i for i in range(offset)}, **vocab}
+    for added in spec["added_tokens"]:
+        added["id"] += offset
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    return path
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
@@ -117,6 +136,43 @@ def prepared_corpus(tmp_path_factory, tokenizer_dir) -> Path:
                                             "tokenizer": str(tokenizer_dir), "max_len": 64, "progress": False})
     prepare(cfg, log=lambda m: None)
     return root / "corpus"
+
+
+@pytest.fixture(scope="session")
+def export_selection(prepared_corpus, tmp_path_factory) -> Path:
+    """A Difference Sampling selection of the prepared corpus (random scores), for the export tests."""
+    from miniplm.core.config import load_config
+    from miniplm.data.shards import PackedCorpus
+    from miniplm.selection.select import SelectConfig, select
+
+    tmp = tmp_path_factory.mktemp("sel")
+    n = len(PackedCorpus(prepared_corpus).split("train"))
+    rng = np.random.default_rng(1)
+    write_scores(tmp / "t", prepared_corpus, rng.normal(-3, 1, n))
+    write_scores(tmp / "f", prepared_corpus, rng.normal(-5, 1, n))
+    select(load_config(SelectConfig, None, {"corpus": str(prepared_corpus), "teacher": str(tmp / "t"),
+                                            "reference": str(tmp / "f"), "output": str(tmp / "sel"),
+                                            "report": False}), log=lambda m: None)
+    return tmp / "sel"
+
+
+def kept_ids(selection: Path, subset: str = "selected") -> list[int]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(selection / "instances.parquet")
+    flags = t.column("selected").to_pylist()
+    ids = t.column("instance_id").to_pylist()
+    return [i for i, f in zip(ids, flags) if (f if subset == "selected" else not f)]
+
+
+def export_run(selection: Path, tmp_path: Path, fmt: str, log=None, **options) -> tuple[dict, Path]:
+    """`miniplm export` of the selection into tmp_path/fmt; (manifest, output directory)."""
+    from miniplm.core.config import load_config
+    from miniplm.export.export import ExportConfig, export
+
+    cfg = load_config(ExportConfig, None, {"selection": str(selection), "format": fmt,
+                                           "output": str(tmp_path / fmt), "progress": False, **options})
+    return export(cfg, log=log or (lambda m: None)).manifest, tmp_path / fmt
 
 
 def write_scores(path: Path, corpus: Path, means: np.ndarray, n_scored: np.ndarray | None = None,

@@ -18,10 +18,13 @@ from conftest import (
     make_corpus,
     save_other_tokenizer,
     save_tiny_llama,
+    save_wide_tokenizer,
     write_gguf_of_unknown_architecture,
     write_jsonl,
 )
 from miniplm.cli import main
+from miniplm.core.config import load_config
+from miniplm.export.export import ExportConfig, export
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 ROW = re.compile(r"^\| `(?P<id>[a-z0-9-]+)` \| (?P<input>.+?) \| `(?P<pattern>.+)` \|$")
@@ -451,8 +454,32 @@ def proxy_bad_instances_file(e: Env) -> str:
                  e.tmp / "ids.npy", "--progress", "false")
 
 
+# -- exports ----------------------------------------------------------------------------------------------
+def export_vocabulary_past_the_format(e: Env) -> str:
+    wide = save_wide_tokenizer(e.tmp / "wide", e.tokenizer)
+    return e.cli("export", "--selection", e.selection(), "--format", "nanogpt", "--tokenizer", wide, "--output",
+                 e.tmp / "x", "--progress", "false")
+
+
+def export_option_of_another_format(e: Env) -> str:
+    return e.cli("export", "--format", "tokens", "--block-size", 1024)
+
+
+def export_missing_validation_split(e: Env) -> str:
+    return e.cli("export", "--selection", e.selection(), "--format", "nanogpt", "--val-split", "dev", "--output",
+                 e.tmp / "x", "--progress", "false")
+
+
+def export_pad_is_eos(e: Env) -> str:
+    """Handled, not refused: a tokenizer that pads with EOS gets a pad of its own in an hf export, said so."""
+    logs = []
+    export(load_config(ExportConfig, None, {"selection": str(e.selection()), "format": "hf",
+                                            "output": str(e.tmp / "hf"), "progress": False}), log=logs.append)
+    return " ".join(logs)
+
+
 CASES = {name.replace("_", "-"): fn for name, fn in list(globals().items())
-         if name.startswith(("corpus_", "config_", "model_", "state_", "proxy_")) and callable(fn)}
+         if name.startswith(("corpus_", "config_", "model_", "state_", "proxy_", "export_")) and callable(fn)}
 
 
 def test_the_catalogue_and_the_cases_agree_one_to_one():

@@ -6,42 +6,21 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_scores
+from conftest import export_run as run
+from conftest import kept_ids
 from miniplm.core.config import load_config
 from miniplm.data.shards import PackedCorpus, PackedSplit
 from miniplm.export.export import ExportConfig, export
-from miniplm.selection.select import SelectConfig, select
-
-
-@pytest.fixture(scope="module")
-def selection(prepared_corpus, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sel")
-    n = len(PackedCorpus(prepared_corpus).split("train"))
-    rng = np.random.default_rng(1)
-    write_scores(tmp / "t", prepared_corpus, rng.normal(-3, 1, n))
-    write_scores(tmp / "f", prepared_corpus, rng.normal(-5, 1, n))
-    select(load_config(SelectConfig, None, {"corpus": str(prepared_corpus), "teacher": str(tmp / "t"),
-                                            "reference": str(tmp / "f"), "output": str(tmp / "sel"),
-                                            "report": False}), log=lambda m: None)
-    return tmp / "sel"
-
-
-def kept_ids(selection, subset="selected"):
-    t = pq.read_table(selection / "instances.parquet")
-    flags = t.column("selected").to_pylist()
-    ids = t.column("instance_id").to_pylist()
-    return [i for i, f in zip(ids, flags) if (f if subset == "selected" else not f)]
-
-
-def run(selection, tmp_path, fmt, **kw):
-    cfg = load_config(ExportConfig, None, {"selection": str(selection), "format": fmt,
-                                           "output": str(tmp_path / fmt), "progress": False, **kw})
-    return export(cfg, log=lambda m: None).manifest, tmp_path / fmt
 
 
 def source(prepared_corpus):
     corpus = PackedCorpus(prepared_corpus)
     return corpus, corpus.split("train")
+
+
+@pytest.fixture(scope="module")
+def selection(export_selection):
+    return export_selection
 
 
 def read_megatron(prefix):
@@ -80,11 +59,6 @@ def test_token_formats_read_back_by_independent_readers(selection, prepared_corp
     assert version == 1 and docs.tolist() == list(range(len(ids) + 1))
     assert [s.tolist() for s in seqs] == expected
 
-    _, out = run(selection, tmp_path, "nanogpt")
-    meta = json.loads((out / "meta.json").read_text())
-    flat = np.memmap(out / "train.bin", dtype=meta["dtype"], mode="r")
-    assert flat.tolist() == [t for seq in expected for t in seq]
-
     datasets = pytest.importorskip("datasets")
     _, out = run(selection, tmp_path, "hf")
     ds = datasets.load_from_disk(str(out / "dataset"))
@@ -101,7 +75,8 @@ def test_text_formats_carry_text_and_scores(selection, prepared_corpus, tmp_path
     for r in rows[:20]:
         assert tok.decode(split[r["instance_id"]].tolist()) == "<|endoftext|>".join(r["pieces"]) + (
             "<|endoftext|>" if split[r["instance_id"]][-1] == corpus.eos_id else "")
-        assert r["text"] == "\n\n".join(r["pieces"]) and isinstance(r["key"], float)
+        assert r["text"] == "\n\n".join(p for p in r["pieces"] if p) and isinstance(r["key"], float)
+        assert len(r["doc_ends"]) == len(r["pieces"]) and all(r["doc_ends"][:-1])
     _, out = run(selection, tmp_path, "parquet", subset="unselected")
     table = pq.read_table(out / "data.parquet").to_pylist()
     assert [r["instance_id"] for r in table] == ids and table[0]["pieces"] == rows[0]["pieces"]

@@ -53,6 +53,23 @@ def test_parquet_with_custom_fields(tmp_path):
     assert summary(docs) == [("x y", "web", "7", None), ("z", "books", "8", None)]
 
 
+def test_dotted_field_paths_read_nested_fields_in_jsonl_and_parquet(tmp_path):
+    nested = [{"text": r["text"], "id": r["id"], "metadata": {"domain": r.get("domain"), "src": {"uid": i}}}
+              for i, r in enumerate(RECORDS)]
+    write_jsonl(tmp_path / "n.jsonl", nested)
+    pq.write_table(pa.Table.from_pylist(nested), tmp_path / "n.parquet")
+    for name in ("n.jsonl", "n.parquet"):
+        assert summary(docs_of(str(tmp_path / name), fields=Fields(domain="metadata.domain"))) == EXPECTED
+        docs = docs_of(str(tmp_path / name), fields=Fields(domain="metadata.domain", id="metadata.src.uid"))
+        assert [d.doc_id for d in docs] == ["0", "1", "2"]
+    # a path that is not there: the default domain, and a missing text field is flagged as before
+    docs = docs_of(str(tmp_path / "n.jsonl"), fields=Fields(text="metadata.body", domain="metadata.nope"))
+    assert {(d.domain, d.skip) for d in docs} == {("default", "missing_field")}
+    # a top-level key that holds a dot is read as it is
+    write_jsonl(tmp_path / "flat.jsonl", [{"text": "x", "metadata.domain": "flat", "metadata": {"domain": "deep"}}])
+    assert docs_of(str(tmp_path / "flat.jsonl"), fields=Fields(domain="metadata.domain"))[0].domain == "flat"
+
+
 def test_txt_directory_one_document_per_file_with_input_domain(tmp_path):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "b.txt").write_text("beta text")

@@ -10,6 +10,9 @@ SOURCES = sorted([*(ROOT / "src" / "miniplm").rglob("*.py"), *(ROOT / "bench").g
                   *(ROOT / "scripts").glob("*.py")])
 
 
+PICKLE_WRITES = ("dump", "dumps")
+
+
 def calls(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
@@ -37,8 +40,15 @@ def test_no_pickle_no_eval_no_shell_strings_and_remote_code_only_by_flag():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-                if any(n and n.split(".")[0] in ("pickle", "dill", "cloudpickle", "marshal", "shelve") for n in names):
+                if any(n and n.split(".")[0] in ("dill", "cloudpickle", "marshal", "shelve") for n in names):
                     problems.append(f"{where}:{node.lineno}: imports a pickle-like module")
+                if isinstance(node, ast.ImportFrom) and node.module == "pickle" \
+                        or any(a.name == "pickle" and a.asname for a in node.names):
+                    problems.append(f"{where}:{node.lineno}: imports from pickle (use pickle.dump by name)")
+            # pickle may write (nanoGPT's meta.pkl), never read: nothing of it but dump and dumps
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "pickle" \
+                    and node.attr not in PICKLE_WRITES:
+                problems.append(f"{where}:{node.lineno}: pickle.{node.attr} (only {PICKLE_WRITES} are allowed)")
         for node, owner, name in calls(tree):
             line = f"{where}:{node.lineno}"
             if owner == "" and name in ("eval", "exec", "compile"):

@@ -39,6 +39,7 @@ from miniplm.evaluation.loss import EvalLossConfig, evaluate_loss
 from miniplm.evaluation.report import Report, ReportConfig
 from miniplm.evaluation.tasks import EvalTasksConfig, evaluate_tasks
 from miniplm.export.export import Export, ExportConfig
+from miniplm.export.formats import FORMATS
 from miniplm.kd.generate import Generate, GenerateConfig
 from miniplm.pipeline import Pipeline, RunConfig
 from miniplm.scoring.proxy import Proxy, ProxyConfig
@@ -268,14 +269,19 @@ COMMANDS = [
         Export(),
         "write a selection in the formats student trainers read, re-tokenized for any student",
         "Export the selected (or unselected, or all) instances in corpus order as jsonl/parquet text with "
-        "their scores, miniplm token shards, a Megatron .bin/.idx pair, a nanoGPT flat memmap, or an HF "
-        "dataset. With --tokenizer, token formats are re-tokenized for that student, one instance to one "
-        "instance: split on the source EOS, decode, encode, join with the student's EOS, BOS where the "
-        "family uses one, truncate to max_len + 1.\n\n"
-        "examples:\n"
+        "their scores, miniplm token shards, a Megatron .bin/.idx pair, nanoGPT's train.bin/val.bin/meta.pkl, "
+        "or an HF dataset. With --tokenizer, token formats are re-tokenized for that student, one instance to "
+        "one instance: split on the source EOS, decode, encode, join with the student's EOS, BOS where the "
+        "family uses one, truncate to max_len + 1. The vocabulary is checked against the format's limit "
+        "before any token is written.\n\n"
+        "formats (read by; one record is):\n"
+        + "".join(f"  {f.name:<9} {f.client}; {f.record}\n" for f in FORMATS.values()) +
+        "\nexamples:\n"
         "  miniplm export --selection out/sel/miniplm --format tokens --output out/export/miniplm\n"
         "  miniplm export --selection out/sel/miniplm --format megatron --tokenizer path/to/gpt-neox\n"
-        "  miniplm export --selection out/sel/miniplm --subset unselected --format jsonl",
+        "  miniplm export --selection out/sel/miniplm --format hf --block-size 1024 --output out/export/hf\n"
+        "  miniplm export --selection out/sel/miniplm --format nanogpt --output data/miniplm   # nanoGPT's data/\n"
+        "  miniplm export --selection out/sel/miniplm --subset unselected --format jsonl --layout piece",
     ),
     Command(
         "train",

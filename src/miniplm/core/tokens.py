@@ -7,6 +7,7 @@ token is EOS or pad, so no instance is judged on predicting the first token of t
 from __future__ import annotations
 
 import json
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,16 +33,49 @@ def vocab_fingerprint(tokenizer) -> str:
     return manifest_key(vocab)
 
 
+class Piece(NamedTuple):
+    """A document, or the part of one, inside an instance: tokens[start:stop], then EOS when `closed`."""
+
+    text: str  # the source tokens decoded
+    closed: bool  # the document ends here (an EOS follows inside the instance)
+    faithful: bool  # `text` is exactly the bytes the source tokens stand for
+    start: int
+    stop: int
+
+
+class DocumentPieces:
+    """Splits an instance on EOS into its documents or document pieces, decoded by the source tokenizer.
+
+    A piece is unfaithful when its tokens decode to something else than the bytes they stand for: an
+    instance cut inside a character decodes to U+FFFD."""
+
+    def __init__(self, source, source_eos: int):
+        self.source, self.source_eos = source, source_eos
+        self.source_bytes = token_bytes(source)
+
+    def __call__(self, tokens: np.ndarray) -> list[Piece]:
+        ends = np.flatnonzero(tokens == self.source_eos)
+        out = []
+        for a, b in zip([0, *(ends + 1)], [*ends, len(tokens)]):
+            closed = bool(b < len(tokens))
+            if b > a or closed:  # an EOS alone (its document ended in the previous instance) is a piece too
+                text = self.source.decode(tokens[a:b].tolist())
+                exact = b"".join(self.source_bytes[t] for t in tokens[a:b])
+                # SentencePiece decoders drop the space of a leading '▁'
+                faithful = text.encode("utf-8") in (exact, exact.removeprefix(b" "))
+                out.append(Piece(text, closed, faithful, int(a), int(b)))
+        return out
+
+
 class Retokenizer:
     """Corpus token ids -> student token ids, one instance to one instance.
 
-    A piece (a document, or the part of one in an instance) counts as lossy when the student's tokens do not
-    spell its source text: when the source tokens decode to something else than the bytes they stand for (an
-    instance cut inside a character decodes to U+FFFD), or when the student's decode(encode(text)) differs.
+    A piece counts as lossy when the student's tokens do not spell its source text: when the piece is not
+    faithful (`DocumentPieces`), or when the student's decode(encode(text)) differs.
     """
 
     def __init__(self, source, source_eos: int, student, max_len: int, add_bos: str):
-        self.source, self.source_eos, self.student, self.max_len = source, source_eos, student, max_len
+        self.student, self.max_len = student, max_len
         if student.eos_token_id is None:
             raise ValueError(f"student tokenizer {type(student).__name__} has no EOS token to separate documents")
         bos = student.bos_token_id
@@ -50,35 +84,18 @@ class Retokenizer:
         if add_bos == "yes" and bos is None:
             raise ValueError("add_bos: yes, but the student tokenizer has no BOS token")
         self.pieces = self.lossy = 0
-        self.source_bytes = token_bytes(source)
-
-    def pieces_of(self, tokens: np.ndarray) -> list[tuple[str, bool, bool]]:
-        """(decoded text, ended with EOS, the text is exactly the source tokens' bytes) for each document or
-        piece of an instance."""
-        ends = np.flatnonzero(tokens == self.source_eos)
-        bounds = zip([0, *(ends + 1)], [*ends, len(tokens)])
-        out = []
-        for a, b in bounds:
-            closed = b < len(tokens) and tokens[b] == self.source_eos
-            if b > a or closed:
-                text = self.source.decode(tokens[a:b].tolist())
-                exact = b"".join(self.source_bytes[t] for t in tokens[a:b])
-                # SentencePiece decoders drop the space of a leading '▁'
-                faithful = text.encode("utf-8") in (exact, exact.removeprefix(b" "))
-                out.append((text, bool(closed), faithful))
-        return out
+        self.pieces_of = DocumentPieces(source, source_eos)
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         ids = [] if self.bos is None else [self.bos]
-        for text, closed, faithful in self.pieces_of(tokens):
-            encoded = self.student(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] \
-                if text else []
+        for piece in self.pieces_of(tokens):
+            encoded = self.student(piece.text, add_special_tokens=False, split_special_tokens=True)["input_ids"] \
+                if piece.text else []
             self.pieces += 1
-            if not faithful or (text and self.student.decode(encoded) != text):
+            if not piece.faithful or (piece.text and self.student.decode(encoded) != piece.text):
                 self.lossy += 1
-            ids += encoded + ([self.student.eos_token_id] if closed else [])
+            ids += encoded + ([self.student.eos_token_id] if piece.closed else [])
         return np.asarray(ids[: self.max_len + 1], dtype=np.int64)
-
 
 
 def token_bytes(tokenizer) -> list[bytes]:

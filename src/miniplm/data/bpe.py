@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from miniplm.core.config import ConfigError, Progress, option
 from miniplm.core.stage import Stage, StageResult, execute
-from miniplm.core.tokens import Retokenizer
+from miniplm.core.tokens import DocumentPieces
 from miniplm.data.shards import PackedCorpus
 
 BYTE_ALPHABET = 256
@@ -48,13 +48,13 @@ class TokenizerTrainConfig(Progress):
 def documents(corpus: PackedCorpus, split: str, max_instances: int | None) -> Iterator[str]:
     """The text of each document piece of the split's instances, decoded by the corpus tokenizer."""
     source = corpus.load_tokenizer()
-    pieces = Retokenizer(source, corpus.eos_id, source, corpus.manifest["max_len"], "no")
+    pieces_of = DocumentPieces(source, corpus.eos_id)
     instances = corpus.split(split)
     n = len(instances) if max_instances is None else min(max_instances, len(instances))
     for i in range(n):
-        for text, _, _ in pieces.pieces_of(instances[i]):
-            if text:
-                yield text
+        for piece in pieces_of(instances[i]):
+            if piece.text:
+                yield piece.text
 
 
 class TrainTokenizer(Stage):

@@ -86,9 +86,12 @@ class PrepareConfig(Progress):
     output: str = option("out/corpus", "output directory", hashed=False)
     tokenizer: str = option(DEFAULT_TOKENIZER, "HF tokenizer: local directory, hub id, .gguf file, or 'smollm2'")
     trust_remote_code: bool = option(False, "allow a tokenizer's own code from its directory or hub repo to run")
-    text_field: str = option("text", "record field holding the document text")
-    domain_field: str | None = option("domain", "record field naming the domain (null: one domain)")
-    id_field: str | None = option("id", "record field holding a document id (default: file:line)")
+    text_field: str = option("text", "record field holding the document text (a dotted path reads a nested "
+                             "field, e.g. metadata.text)")
+    domain_field: str | None = option("domain", "record field naming the domain (null: one domain); a dotted path "
+                                      "reads a nested field, e.g. metadata.domain in datatrove's jsonl")
+    id_field: str | None = option("id", "record field holding a document id (default: file:line); dotted paths "
+                                  "as text_field")
     default_domain: str = option("default", "domain of records without a domain field")
     eos_token: str | None = option(None, "token appended to every document (null: the tokenizer's EOS)")
     max_len: int = option(1024, "training positions per instance; instances hold up to max_len + 1 tokens")

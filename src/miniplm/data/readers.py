@@ -157,22 +157,35 @@ def read_documents(
         yield from reader(file, fields, on_bytes)
 
 
+def field_value(record: dict, path: str):
+    """The value at `path` in a record: a top-level key, or a dotted path into nested objects
+    (`metadata.domain`, as datatrove's writers nest every field but text and id); None when absent.
+    A top-level key that itself holds dots wins over the nested reading."""
+    if path in record:
+        return record[path]
+    value = record
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
 def _domain(file: InputFile, record: dict, fields: Fields) -> str:
     if file.domain is not None:
         return file.domain
-    if fields.domain and record.get(fields.domain) is not None:
-        return str(record[fields.domain])
-    return fields.default_domain
+    value = field_value(record, fields.domain) if fields.domain else None
+    return fields.default_domain if value is None else str(value)
 
 
 def _document(file: InputFile, record: dict, index: int, fields: Fields) -> Document:
     """A Document from one parsed record (a dict), checking the text field."""
-    doc_id = record.get(fields.id) if fields.id else None
+    doc_id = field_value(record, fields.id) if fields.id else None
     doc_id = f"{file.path}:{index}" if doc_id is None else str(doc_id)
     domain = _domain(file, record, fields)
-    if fields.text not in record or record[fields.text] is None:
+    text = field_value(record, fields.text)
+    if text is None:
         return Document(None, domain, file.path, index, doc_id, "missing_field", f"no '{fields.text}' field")
-    text = record[fields.text]
     if not isinstance(text, str):
         return Document(None, domain, file.path, index, doc_id, "not_text", f"'{fields.text}' is {type(text).__name__}")
     if not text.strip():
@@ -220,8 +233,9 @@ def read_jsonl(file: InputFile, fields: Fields, on_bytes: Callable[[int], None])
 
 
 def _columns(fields: Fields, schema_names: list[str]) -> list[str]:
-    wanted = [fields.text, fields.domain, fields.id]
-    return [c for c in wanted if c and c in schema_names]
+    """The columns to read: each field's own column, or the top-level column a dotted path starts in."""
+    wanted = [f if f in schema_names else f.split(".")[0] for f in (fields.text, fields.domain, fields.id) if f]
+    return list(dict.fromkeys(c for c in wanted if c in schema_names))
 
 
 def _table_documents(
