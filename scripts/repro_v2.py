@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from miniplm.core.metrics import paired_difference
+from miniplm.evaluation.comparison import Rule, compare
+from miniplm.evaluation.comparison import decide as decide_rule
 from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, measured_saving, read_curve
 
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
@@ -61,14 +62,15 @@ def load(results: Path) -> dict:
     return arms
 
 
+def per_instance(seeds: dict) -> dict[int, dict[str, dict]]:
+    """{seed: {split: per_instance record}} of one arm's students, for `evaluation.comparison.compare`."""
+    return {seed: {split: s["splits"][split]["per_instance"] for split in SPLITS if split in s["splits"]}
+            for seed, s in seeds.items()}
+
+
 def differences(arms: dict, control: str, arm: str) -> dict[int, dict[str, dict]]:
     """{seed: {split: paired difference control - arm}} over the seeds both have."""
-    out = {}
-    for seed in sorted(set(arms.get(control, {})) & set(arms.get(arm, {}))):
-        a, b = arms[control][seed]["splits"], arms[arm][seed]["splits"]
-        out[seed] = {split: paired_difference(a[split]["per_instance"], b[split]["per_instance"])
-                     for split in SPLITS if split in a and split in b}
-    return out
+    return compare(per_instance(arms.get(control, {})), per_instance(arms.get(arm, {}))).seeds
 
 
 def _mean_std(values: list[float], digits: int = 4) -> str:
@@ -79,19 +81,23 @@ def _mean_std(values: list[float], digits: int = 4) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
+# the registered rule: every seed pair >= 0.03 on heldout, the other splits' means above -0.02, no interval clause
+RULE = Rule(split=PRIMARY, works=WORKS, does_not_work=DOES_NOT, not_worse=NOT_WORSE, interval="none",
+            seeds=len(SEEDS))
+
+
 def decide(arms: dict, control: str, arm: str, rivals: tuple[str, ...] = ()) -> tuple[str, str]:
-    """The pre-registered outcome of `arm` against `control`, and every figure the rule reads."""
-    d = differences(arms, control, arm)
-    if set(d) != set(SEEDS) or any(PRIMARY not in d[s] for s in SEEDS):
-        return "pending", f"{len(d)} of {len(SEEDS)} seed pairs finished"
-    primary = [d[s][PRIMARY]["loss_per_token"] for s in SEEDS]
-    why = f"d on {PRIMARY}: " + ", ".join(f"{x:+.4f}" for x in primary) + f" (mean {np.mean(primary):+.4f})"
-    clauses = [min(primary) >= WORKS]
+    """The pre-registered outcome of `arm` against `control` (the library's rule plus v2's rival clause: no
+    perplexity selection beats the arm), and every figure the rule reads."""
+    outcome, figures = decide_rule(compare(per_instance(arms.get(control, {})), per_instance(arms.get(arm, {}))),
+                                   RULE)
+    if outcome == "pending":
+        return "pending", f"{figures['seeds']} of {len(SEEDS)} seed pairs finished"
+    primary = figures["per_seed"]
+    why = f"d on {PRIMARY}: " + ", ".join(f"{x:+.4f}" for x in primary) + f" (mean {figures['mean']:+.4f})"
     for split in SPLITS[1:]:
-        mean = np.mean([d[s][split]["loss_per_token"] for s in SEEDS])
-        why += f"; mean d on {split} {mean:+.4f}"
-        clauses.append(mean > NOT_WORSE)
-    rivals_pending = False
+        why += f"; mean d on {split} {figures[f'mean {split}']:+.4f}"
+    rivals_beaten, rivals_pending = True, False
     for rival in rivals:
         if 10 not in arms.get(rival, {}):
             why += f"; {rival} not finished"
@@ -99,12 +105,12 @@ def decide(arms: dict, control: str, arm: str, rivals: tuple[str, ...] = ()) -> 
             continue
         rd = differences(arms, rival, arm)[10][PRIMARY]["loss_per_token"]
         why += f"; {rival} - {arm} on {PRIMARY} (seed 10) {rd:+.4f}"
-        clauses.append(rd > 0)
-    if np.mean(primary) < DOES_NOT:  # whatever the other clauses say
-        return "does not work", why
+        rivals_beaten &= rd > 0
+    if outcome == "does not work":  # whatever the other clauses say
+        return outcome, why
     if rivals_pending:
         return "pending", why
-    return ("works" if all(clauses) else "inconclusive"), why
+    return ("works" if outcome == "works" and rivals_beaten else "inconclusive"), why
 
 
 def tier(arms: dict, points: dict) -> tuple[str, str]:

@@ -1,0 +1,153 @@
+"""Whether a selection signal beats its control: paired differences over seeds, their intervals, the rule.
+
+For an arm (students trained on a signal's selection) and its control (students of the same recipe on a
+random selection with the same domain shares), seed by seed:
+
+    d_s = loss(control, seed s) - loss(arm, seed s)     on the same held-out instances; positive: the arm is better
+
+in nats/token and in bits per byte (`core.metrics.paired_difference`, whose per-seed interval resamples
+instances only). Across the k seeds two intervals:
+
+    t-interval   mean(d) +- t_{k-1} * sd(d) / sqrt(k): the spread between seeds (init, data order, draws)
+    bootstrap    seeds drawn with replacement, then each drawn seed's instances: seed and instance noise together
+
+and the decision rule, whose thresholds are config (`Rule`): *works* when every seed pair gains at least
+`works` on the deciding split, the seed interval lies above zero and no other split is worse by more than
+`not_worse`; *does not work* when the mean gain is under `does_not_work`; *inconclusive* otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from scipy import stats
+
+from miniplm.core.metrics import BOOTSTRAP_RESAMPLES, paired_difference
+
+UNITS = ("loss_per_token", "bits_per_byte")
+Outcome = Literal["works", "does not work", "inconclusive", "pending"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The decision rule: thresholds in nats/token on the deciding split (issue 27's by default)."""
+
+    split: str = "heldout"
+    works: float = 0.03  # every seed pair gains at least this
+    does_not_work: float = 0.02  # a mean gain below this: does not work, whatever else holds
+    not_worse: float = -0.02  # every other split's mean gain above this
+    interval: Literal["t", "bootstrap", "none"] = "t"  # which seed interval must lie above zero ("none": no clause)
+    confidence: float = 0.95
+    seeds: int = 3  # pairs needed before deciding; fewer: pending
+
+
+def t_interval(values, confidence: float = 0.95) -> tuple[float, float]:
+    """Student's t interval of the mean of `values` (nan with fewer than two)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return math.nan, math.nan
+    mean, sem = float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
+    margin = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * sem
+    return mean - margin, mean + margin
+
+
+def _records(pair: tuple[dict, dict]) -> list[dict[str, np.ndarray]]:
+    return [{k: np.asarray(r[k], dtype=np.float64) for k in ("nats", "tokens", "bytes")} for r in pair]
+
+
+def seed_instance_bootstrap(pairs: list[tuple[dict, dict]], unit: str = "loss_per_token", confidence: float = 0.95,
+                            resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the mean paired difference over seeds, resampling the seeds (with replacement) and,
+    inside each drawn seed, its instances: `pairs` holds one (control, arm) pair of `per_instance` records per
+    seed. Seeded: the same inputs give the same interval."""
+    rng = np.random.default_rng(seed)
+    records = [_records(pair) for pair in pairs]
+    denominator = "tokens" if unit == "loss_per_token" else "bytes"
+    scale = 1.0 if unit == "loss_per_token" else 1 / math.log(2)
+    means = np.empty(resamples)
+    for b in range(resamples):
+        drawn = rng.integers(0, len(records), size=len(records))
+        total = 0.0
+        for s in drawn:
+            control, arm = records[s]
+            index = rng.integers(0, len(control["nats"]), size=len(control["nats"]))
+            total += scale * (control["nats"][index].sum() / max(control[denominator][index].sum(), 1)
+                              - arm["nats"][index].sum() / max(arm[denominator][index].sum(), 1))
+        means[b] = total / len(drawn)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+@dataclass
+class Comparison:
+    """An arm against its control on every split both were evaluated on, seed by seed."""
+
+    control: str
+    arm: str
+    seeds: dict[int, dict[str, dict]] = field(default_factory=dict)  # seed -> split -> paired_difference
+    pairs: dict[str, list[tuple[dict, dict]]] = field(default_factory=dict)  # split -> per-seed record pairs
+
+    def splits(self) -> list[str]:
+        return list(dict.fromkeys(s for by_split in self.seeds.values() for s in by_split))
+
+    def values(self, split: str, unit: str = "loss_per_token") -> list[float]:
+        return [by_split[split][unit] for by_split in self.seeds.values() if split in by_split]
+
+    def summary(self, split: str, unit: str = "loss_per_token", confidence: float = 0.95) -> dict:
+        """Mean, sample std, t-interval and seed+instance bootstrap of the per-seed differences on one split."""
+        values = self.values(split, unit)
+        return {"seeds": len(values), "per_seed": values,
+                "mean": float(np.mean(values)) if values else math.nan,
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
+                "t_interval": list(t_interval(values, confidence)),
+                "bootstrap": list(seed_instance_bootstrap(self.pairs[split], unit, confidence))
+                if self.pairs.get(split) else [math.nan, math.nan]}
+
+
+def compare(control: dict[int, dict[str, dict]], arm: dict[int, dict[str, dict]], control_name: str = "control",
+            arm_name: str = "arm") -> Comparison:
+    """Paired differences of two arms over the seeds both have. Each arm: {seed: {split: per_instance record}}."""
+    comparison = Comparison(control_name, arm_name)
+    for seed in sorted(set(control) & set(arm)):
+        shared = [s for s in control[seed] if s in arm[seed]]
+        comparison.seeds[seed] = {s: paired_difference(control[seed][s], arm[seed][s]) for s in shared}
+        for s in shared:
+            comparison.pairs.setdefault(s, []).append((control[seed][s], arm[seed][s]))
+    return comparison
+
+
+def decide(comparison: Comparison, rule: Rule = Rule()) -> tuple[Outcome, dict]:
+    """The rule's outcome for one comparison, and every figure it read."""
+    primary = comparison.values(rule.split)
+    if len(primary) < rule.seeds:
+        return "pending", {"seeds": len(primary), "needed": rule.seeds}
+    mean = float(np.mean(primary))
+    figures: dict = {"per_seed": primary, "mean": mean}
+    clauses = {"every seed pair": min(primary) >= rule.works}
+    if rule.interval != "none":
+        summary = comparison.summary(rule.split, confidence=rule.confidence)
+        low = summary["t_interval" if rule.interval == "t" else "bootstrap"][0]
+        figures["interval"] = summary["t_interval" if rule.interval == "t" else "bootstrap"]
+        clauses["interval above zero"] = low > 0
+    for split in comparison.splits():
+        if split != rule.split:
+            other = float(np.mean(comparison.values(split)))
+            figures[f"mean {split}"] = other
+            clauses[f"{split} not worse"] = other > rule.not_worse
+    figures["clauses"] = clauses
+    if mean < rule.does_not_work:
+        return "does not work", figures
+    return ("works" if all(clauses.values()) else "inconclusive"), figures
+
+
+def rank_agreement(first: list[str], second: list[str]) -> float:
+    """Kendall's tau between two rankings of the same signals (best first): 1 when the order agrees."""
+    common = [name for name in first if name in second]
+    if len(common) < 2:
+        return math.nan
+    tau = stats.kendalltau([first.index(n) for n in common], [second.index(n) for n in common]).statistic
+    return float(tau)
