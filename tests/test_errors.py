@@ -217,6 +217,11 @@ def config_run_empty_eval_split(e: Env) -> str:
                  "prepare.splits.heldout.fraction=0.2")
 
 
+def config_classifier_target(e: Env) -> str:
+    return e.cli("select", "--corpus", e.corpus, "--selector", "classifier", "--target", "heldout", "--teacher",
+                 "null", "--reference", "null", "--output", e.tmp / "s", "--progress", "false")
+
+
 def config_whole_domain_split(e: Env) -> str:
     return e.cli("prepare", "splits.ref.fraction=1")
 

@@ -28,6 +28,8 @@ MEANING = {
     "teacher-ppl": "key = mean log p_teacher: the text the teacher finds likeliest is kept.",
     "ref-ppl": "key from the reference model's mean log-prob (low, middle or high loss band kept).",
     "random": "key = a seeded uniform number per instance.",
+    "classifier": "key = log-odds of a logistic regression on hashed word n-grams trained to tell the target's "
+                  "text from a random sample of the pool: the most target-like text is kept.",
 }
 
 
@@ -111,6 +113,13 @@ def write_report(selection_dir: str | Path, manifest: dict, log=print) -> Path:
               f"{manifest['kept_tokens']:,} tokens",
               f"- instances with NaN/inf scores (excluded): {manifest['invalid_scores']:,}",
               f"- cut(s): {manifest['cuts']}", ""]
+    if manifest.get("classifier"):
+        c = manifest["classifier"]
+        accuracy = "n/a" if c["holdout_accuracy"] is None else f"{c['holdout_accuracy']:.3f}"
+        lines += [f"- classifier: target `{c['target']}` ({c['target_documents']:,} documents) against "
+                  f"{c['pool_negatives']:,} pool instances, word 1..{c['ngrams']}-grams hashed into "
+                  f"{c['features']:,} features; held-out accuracy {accuracy}; cost: fit {c['fit_seconds']} s, "
+                  f"pool scored in {c['score_seconds']} s", ""]
     lines += _key_distribution(rows, manifest, figures)
     lines += _teacher_vs_reference(rows, manifest["instances"], figures)
     lines += _domains(manifest["domains"], figures)

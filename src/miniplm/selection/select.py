@@ -8,6 +8,7 @@ of the ranking (key descending, ties by instance_id) is found by a streaming rad
     teacher-ppl  t                          keep the lowest teacher loss
     ref-ppl      f (low), -f (high), -|f - median f| (middle)   perplexity pruning with the small model
     random       a seeded uniform per instance
+    classifier   log-odds of a linear classifier on hashed n-grams: target text against the pool (no model)
 With `temperature`, the key becomes key / temperature + Gumbel noise (seeded per instance): Gumbel-top-k,
 i.e. sampling without replacement with probability proportional to exp(key / temperature).
 Output: `instances.parquet` (every instance of the split, in corpus order: instance_id, domain, n_tokens,
@@ -33,13 +34,14 @@ from miniplm.core.manifest import part_path, read_manifest, read_plan
 from miniplm.core.stage import Stage, StageResult, execute
 from miniplm.data import ngram
 from miniplm.data.shards import PackedCorpus
+from miniplm.selection.classifier import check_target, classifier_keys
 from miniplm.selection.report import write_report
 from miniplm.selection.topk import Cut, exact_top
 
 CHUNK = 1 << 20
-SELECTORS = ("difference", "teacher-ppl", "ref-ppl", "random")
+SELECTORS = ("difference", "teacher-ppl", "ref-ppl", "random", "classifier")
 NEEDS = {"difference": ("teacher", "reference"), "teacher-ppl": ("teacher",), "ref-ppl": ("reference",),
-         "random": ()}
+         "random": (), "classifier": ()}
 
 ROW_SCHEMA = pa.schema([("instance_id", pa.int64()), ("domain", pa.string()), ("n_tokens", pa.int32()),
                         ("teacher_logp", pa.float64()), ("ref_logp", pa.float64()), ("key", pa.float64()),
@@ -53,8 +55,9 @@ class SelectConfig(Progress):
     teacher: str | None = option("out/scores/teacher", "the teacher's `miniplm score` output")
     reference: str | None = option("out/scores/ref", "the reference model's `miniplm score` output")
     output: str = option("out/selection", "output directory", hashed=False)
-    selector: Literal["difference", "teacher-ppl", "ref-ppl", "random"] = option(
-        "difference", "difference (MiniPLM), teacher-ppl, ref-ppl, or random")
+    selector: Literal["difference", "teacher-ppl", "ref-ppl", "random", "classifier"] = option(
+        "difference", "difference (MiniPLM), teacher-ppl, ref-ppl, random, or classifier (log-odds of a hashed "
+        "n-gram logistic regression: --target against the pool; no model)")
     ref_band: Literal["low", "middle", "high"] = option(
         "middle", "ref-ppl: keep the lowest, the middle or the highest reference losses")
     alpha: float = option(0.5, "fraction of instances to keep, in (0, 1] (ignored with budget_tokens)")
@@ -63,7 +66,14 @@ class SelectConfig(Progress):
     domain_quota: str | dict[str, float] = option(
         "none", "none (one global cut), proportional (each domain keeps its share of the corpus), "
         "from:<selection dir> (copy that selection's per-domain mix), or a mapping {domain: share}")
-    seed: int = option(10, "seed of the random selector and of Gumbel noise")
+    target: str | None = option(
+        None, "classifier: the text to keep more of: a split of the corpus (e.g. ref) or files/globs as prepare "
+        "reads them; never the pool or an evaluation split", hashed="when-set")
+    classifier_ngrams: int = option(2, "classifier: word n-grams of 1..N words", hashed="when-set")
+    classifier_features: int = option(1 << 20, "classifier: hashed feature dimensions", hashed="when-set")
+    classifier_sample: int = option(10000, "classifier: at most this many target documents, and as many pool "
+                                    "instances drawn as negatives", hashed="when-set")
+    seed: int = option(10, "seed of the random selector, of Gumbel noise and of the classifier's negatives")
     max_instances: int | None = option(
         None, "select among the first N instances of the split only (what `miniplm score --max-instances N` "
         "scored; for quick runs)")
@@ -77,7 +87,9 @@ class SelectConfig(Progress):
     def validate(self) -> None:
         if not 0 < self.alpha <= 1:
             raise ConfigError(f"alpha: must be in (0, 1], got {self.alpha}")
-        require_at_least_one(self, "max_instances")
+        require_at_least_one(self, "max_instances", "classifier_ngrams")
+        if self.classifier_features < 2 or self.classifier_sample < 2:
+            raise ConfigError("classifier_features and classifier_sample: must be at least 2")
         if self.budget_tokens is not None and self.budget_tokens < 1:
             raise ConfigError(f"budget_tokens: must be a positive number of tokens, got {self.budget_tokens}")
         if self.temperature is not None and not self.temperature > 0:
@@ -109,6 +121,7 @@ class ScoreArrays:
         self.work = work
         self.teacher: np.ndarray | None = None
         self.reference: np.ndarray | None = None
+        self.classifier: np.ndarray | None = None
 
     def load(self, name: str, run_dir: str, corpus: PackedCorpus, split: str) -> None:
         """Join one scoring run, refusing runs of another corpus, unfinished runs and missing rows."""
@@ -168,6 +181,8 @@ def _keys(config: SelectConfig, arrays: ScoreArrays, s: slice, median: float | N
         key = t.copy()
     elif config.selector == "ref-ppl":
         key = {"low": f, "high": -f, "middle": -np.abs(f - (median if median is not None else 0.0))}[config.ref_band]
+    elif config.selector == "classifier":
+        key = arrays.classifier[s].copy()
     else:
         key = uniform_hash(config.seed, ids)
     if config.temperature is not None:
@@ -206,8 +221,12 @@ class Select(Stage):
             if source is None or source.get("stage") != "select":
                 raise FileNotFoundError(f"domain_quota: {config.domain_quota[5:]} is not a `miniplm select` output")
             quota = source["key"]
+        target = {}
+        if config.selector == "classifier":
+            target = {"target": check_target(config.target, corpus, config.split, diagnostic_splits(config, corpus))}
         return {"corpus": corpus.key, "domain_quota": quota,
-                "scores": {name: (read_manifest(runs[name]) or {}).get("key") for name in NEEDS[config.selector]}}
+                "scores": {name: (read_manifest(runs[name]) or {}).get("key") for name in NEEDS[config.selector]},
+                **target}
 
     def run(self, config: SelectConfig, out: Path, inputs: dict, log) -> dict:
         corpus = PackedCorpus(config.corpus)
@@ -219,6 +238,11 @@ class Select(Stage):
         arrays = ScoreArrays(corpus, config.split, work, config.max_instances)
         for name in needs:
             arrays.load(name, runs[name], corpus, config.split)
+        signal = {}
+        if config.selector == "classifier":
+            arrays.classifier, signal["classifier"] = classifier_keys(
+                config.target, corpus, config.split, arrays.n, work / "classifier.npy", config.classifier_ngrams,
+                config.classifier_features, config.classifier_sample, config.seed, log)
 
         median = None
         if config.selector == "ref-ppl" and config.ref_band == "middle":
@@ -284,6 +308,7 @@ class Select(Stage):
                   for d, c in cuts.items()},
             median_ref_logp=median,
             domains=domains,
+            **signal,
         )
         for path in work.iterdir():
             path.unlink()
