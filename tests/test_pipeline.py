@@ -10,38 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_corpus, save_tiny_llama
+from conftest import run_yaml
 from miniplm.cli import main
 from miniplm.core.config import ConfigError, load_config
 from miniplm.pipeline import Pipeline, RunConfig
-
-
-def run_yaml(tmp_path, tokenizer_dir) -> dict:
-    raw = make_corpus(tmp_path / "raw", n_docs=120)
-    teacher = save_tiny_llama(tmp_path / "teacher", tokenizer_dir, seed=1)
-    return {
-        "output": str(tmp_path / "run"),
-        "teacher": str(teacher),
-        "prepare": {"inputs": [str(raw)], "tokenizer": str(tokenizer_dir), "max_len": 64, "shuffle": True,
-                    "progress": False, "splits": {"ref": {"fraction": 0.2}, "heldout": {"fraction": 0.05},
-                                                  "heldout_hq": {"fraction": 0.05, "domains": ["news"]}}},
-        "reference": {"model": "qwen2-tiny", "max_steps": 6, "batch_size": 4, "warmup_steps": 2,
-                      "precision": "fp32", "progress": False, "save_every": 6},
-        "score": {"max_instances": 80, "progress": False, "precision": "fp32"},
-        "selections": {"miniplm": {"alpha": 0.5, "progress": False},
-                       "random-mix": {"selector": "random", "domain_quota": "from:miniplm", "progress": False,
-                                      "report": False},
-                       "miniplm-proxy": {"teacher": "proxy", "progress": False, "report": False}},
-        "proxy": {"label_fraction": 0.7, "first_fraction": 1.0, "progress": False},
-        "train": {"batch_size": 4, "warmup_steps": 2, "precision": "fp32", "progress": False, "save_every": 100},
-        "students": [{"name": "no-kd", "model": "qwen2-tiny", "data": "all"},
-                     {"name": "miniplm", "model": "llama-tiny", "data": "miniplm"},
-                     {"name": "kd", "model": "qwen2-tiny", "data": "all", "kd": "vanilla"},
-                     {"name": "small-vocab", "model": "llama-tiny", "data": "all", "tokenizer": "bpe280"}],
-        "tokenizers": {"bpe280": {"vocab_size": 280, "progress": False}},
-        "eval": {"split": "heldout_hq", "max_instances": 8, "points": 3, "tasks": ["lambada_openai"], "task_limit": 4,
-                 "final_splits": ["heldout"]},
-    }
 
 
 def test_run_end_to_end_then_everything_cached(tmp_path, tokenizer_dir, capsys, monkeypatch):

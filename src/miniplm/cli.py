@@ -41,7 +41,8 @@ from miniplm.evaluation.tasks import EvalTasksConfig, evaluate_tasks
 from miniplm.export.export import Export, ExportConfig
 from miniplm.export.formats import FORMATS
 from miniplm.kd.generate import Generate, GenerateConfig
-from miniplm.pipeline import Pipeline, RunConfig
+from miniplm.pipeline import Pipeline, RunConfig, expand_compare
+from miniplm.plan import plan
 from miniplm.scoring.proxy import Proxy, ProxyConfig
 from miniplm.scoring.score import Score, ScoreConfig
 from miniplm.selection.select import Select, SelectConfig
@@ -56,6 +57,7 @@ class Command:
     summary: str
     description: str
     default_config: str | None = None  # a YAML file loaded when no --config is given
+    plan: Callable[[Any], Any] | None = None  # `--plan`: what the command would do and how long, without doing it
 
 
 def _format_default(value: Any) -> str:
@@ -174,6 +176,22 @@ def _with_interval(loss: float | None, interval: list[float] | None) -> str:
 
 def _run_pipeline(config: RunConfig, force: bool) -> None:
     _print_results(Pipeline(config, force=force).run())
+
+
+def _require_compare(config: RunConfig) -> None:
+    if config.compare is None:
+        raise ConfigError("compare: the config has no `compare:` section (signals, seeds, student); see "
+                          "`miniplm compare --help`")
+
+
+def _run_compare(config: RunConfig, force: bool) -> None:
+    _require_compare(config)
+    _run_pipeline(config, force)
+
+
+def _plan_compare(config: RunConfig) -> None:
+    _require_compare(config)
+    plan(config)
 
 
 def _run_demo(config: RunConfig, force: bool) -> None:
@@ -377,6 +395,26 @@ COMMANDS = [
         "  miniplm run configs/micro_repro.yaml output=out/repro-seed2 train.seed=2",
     ),
     Command(
+        "compare",
+        RunConfig,
+        _run_compare,
+        "which selection signal beats a domain-matched random half on your corpus, with seeds and intervals",
+        "A `miniplm run` config with a `compare:` section: named selection signals (any `select` config), seeds "
+        "and one student recipe (optionally a second size). It expands into the signals, a random control per "
+        "signal with the same per-domain quotas (proportional for a within-domain signal, the signal's own mix "
+        "for a global one), and for every seed a no-KD student, a student per signal and one per control, all "
+        "with the same tokens and optimizer steps (--print-config shows the expansion). After the run each "
+        "signal is compared with its control seed by seed on every evaluation split (nats/token and bits per "
+        "byte; t-interval over seeds and a bootstrap over seeds and instances) and judged by compare.rule: "
+        "works / does not work / inconclusive. Writes <output>/compare/report.md (ranked table, forest plot) and "
+        "compare.json; cached and resumable as `run`.\n\n"
+        "examples:\n"
+        "  miniplm compare my_compare.yaml --plan           # the grid, tokens, measured speeds, the wall time\n"
+        "  miniplm compare my_compare.yaml --print-config\n"
+        "  miniplm compare my_compare.yaml compare.seeds=[10,11,12,13,14]",
+        plan=_plan_compare,
+    ),
+    Command(
         "demo",
         RunConfig,
         _run_demo,
@@ -415,6 +453,9 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         p.add_argument("-c", "--config", metavar="FILE.yaml", help="YAML config file (keys as the options below)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
         p.add_argument("--force", action="store_true", help="redo the stage even if its output is up to date")
+        if command.plan is not None:
+            p.add_argument("--plan", action="store_true", help="print what would run and an estimate of its wall "
+                           "time (from a few seconds' probe of this machine), then exit")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted overrides, e.g. max_len=512")
         _add_config_options(p, command.config_cls)
         commands[command.name] = command
@@ -430,8 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     command = commands[args.command]
     try:
         config = build_config(command, args)
+        if isinstance(config, RunConfig):
+            config = expand_compare(config)  # what will run: the compare section's selections and students
         if args.print_config:
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+            return 0
+        if getattr(args, "plan", False):
+            command.plan(config)
             return 0
         if not isinstance(command.run, Stage):
             command.run(config, args.force)

@@ -30,8 +30,10 @@ from miniplm.data.bpe import TokenizerTrainConfig, TrainTokenizer
 from miniplm.data.ngram import check_orders
 from miniplm.data.prepare import Prepare, PrepareConfig
 from miniplm.data.shards import PackedCorpus
+from miniplm.evaluation.comparison import Rule, Signal, forest_plot, jsonable, rank, render_report
 from miniplm.evaluation.final import (
     POINTS_FILE,
+    SPLITS_FILE,
     FinalEval,
     FinalEvalConfig,
     ReferencePoints,
@@ -77,6 +79,45 @@ class EvalSettings:
         "help": "n-gram reference levels: 1 (add-one unigram), 2 (interpolated Kneser-Ney bigram)"})
 
 
+@dataclass
+class StudentRecipe:
+    model: str = option("llama-small", "a preset <family>-<size> or a transformers config.json")
+    tokenizer: str | None = option(None, "a student tokenizer (a path, or the name of one of the run's `tokenizers`)")
+    train: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "`miniplm train` keys for these students, over the run's shared `train`"})
+
+
+@dataclass
+class CompareSettings:
+    signals: dict[str, SelectConfig] = field(default_factory=dict, metadata={
+        "help": "named `miniplm select` configs to compare (e.g. miniplm-wd: {domain_quota: proportional}); each "
+                "gets a random control with the same per-domain quotas"})
+    seeds: list[int] = field(default_factory=lambda: [10, 11, 12], metadata={
+        "help": "student seeds (init, data order, random draws); every arm is trained once per seed"})
+    student: StudentRecipe = field(default_factory=StudentRecipe, metadata={"help": "the students' recipe"})
+    second_size: StudentRecipe | None = option(None, "a second student size (the rank agreement between sizes "
+                                               "says how stable the decision is)")
+    tokens: int | None = option(None, "training tokens per student (null: the smallest student corpus); every "
+                                "student also takes the same number of optimizer steps")
+    splits: list[str] = field(default_factory=lambda: ["heldout", "heldout_hq", "heldout_unseen"], metadata={
+        "help": "evaluation splits (those the prepared corpus holds); the rule decides on rule.split"})
+    rule: Rule = field(default_factory=Rule, metadata={
+        "help": "the decision rule: split, works, does_not_work, not_worse (nats/token), interval (t, bootstrap "
+                "or none), confidence, seeds (pairs needed)"})
+
+    def validate(self) -> None:
+        if not self.signals:
+            raise ConfigError("compare.signals: name at least one selection signal")
+        if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
+            raise ConfigError(f"compare.seeds: give distinct seeds, got {self.seeds}")
+        if self.rule.split not in self.splits:
+            raise ConfigError(f"compare.rule.split: {self.rule.split!r} is not one of compare.splits {self.splits}")
+        for name in self.signals:
+            if name in ("all", "seqkd", "no-kd") or name.startswith("random-"):
+                raise ConfigError(f"compare.signals.{name}: the name is taken (no-kd, all, seqkd and random-* are "
+                                  f"the controls'); choose another")
+
+
 # the keys `miniplm run` sets itself in each stage's config (the paths between stages)
 FIXED = {
     "prepare": ("output",),
@@ -119,6 +160,8 @@ class RunConfig:
         "help": "the student runs; the first is the baseline of the compute-saving factor"})
     eval: EvalSettings = field(default_factory=EvalSettings)
     title: str = option("MiniPLM run", "the report's title")
+    compare: CompareSettings | None = option(None, "`miniplm compare`: signals, seeds and a student recipe that "
+                                             "expand into the selections and students above (replacing them)")
 
     def validate(self) -> None:
         names = [s.name for s in self.students]
@@ -178,6 +221,49 @@ def _refuse_fixed(where: str, config, fixed: tuple[str, ...]) -> None:
             raise ConfigError(f"{where}.{name}: set by `miniplm run` (the paths between stages); remove it")
 
 
+def control(signal: str, config: SelectConfig) -> tuple[str, SelectConfig]:
+    """A signal's control: a random selection of as many instances (or tokens) with the same per-domain quotas:
+    the signal's own domain mix (`from:<signal>`) for a global cut, the same quotas for a quota'd one."""
+    quota = config.domain_quota
+    if quota == "none":
+        return f"random-mix-{signal}", SelectConfig(selector="random", alpha=config.alpha,
+                                                    budget_tokens=config.budget_tokens, domain_quota=f"from:{signal}",
+                                                    max_instances=config.max_instances)
+    random = SelectConfig(selector="random", alpha=config.alpha, budget_tokens=config.budget_tokens,
+                          domain_quota=quota, max_instances=config.max_instances)
+    if quota == "proportional":
+        return "random-wd" + ("" if config.alpha == 0.5 and config.budget_tokens is None else
+                              f"-{config.budget_tokens or config.alpha}"), random
+    return f"random-{signal}", random
+
+
+def expand_compare(config: RunConfig) -> RunConfig:
+    """A run with a `compare:` section as the run it stands for: each signal and its control as selections, and
+    for every size and seed a no-KD student, a student per signal and one per control, all alike but for their
+    data (equal tokens and optimizer steps: `Pipeline.student_train_config`). Expanding twice changes nothing."""
+    c = config.compare
+    if c is None:
+        return config
+    selections: dict[str, SelectConfig] = {}
+    controls: dict[str, str] = {}
+    for name, signal in c.signals.items():
+        selections[name] = signal
+    for name, signal in c.signals.items():
+        control_name, control_config = control(name, signal)
+        if control_name in selections and selections[control_name] != control_config:
+            raise ConfigError(f"compare.signals.{name}: its control {control_name} differs from one already made")
+        selections[control_name] = control_config
+        controls[name] = control_name
+    arms = ["all", *dict.fromkeys(controls.values()), *c.signals]
+    sizes = [("", c.student), *([(f"{c.second_size.model}-", c.second_size)] if c.second_size else [])]
+    students = [StudentConfig(name=f"{prefix}{'no-kd' if arm == 'all' else arm}-s{seed}", model=recipe.model,
+                              data=arm, tokenizer=recipe.tokenizer, train={**recipe.train, "seed": seed})
+                for prefix, recipe in sizes for seed in c.seeds for arm in arms]
+    train = dataclasses.replace(config.train, max_tokens=c.tokens) if c.tokens is not None else config.train
+    e = dataclasses.replace(config.eval, split=c.rule.split, final_splits=list(c.splits))
+    return dataclasses.replace(config, selections=selections, students=students, train=train, eval=e)
+
+
 @dataclass
 class Step:
     """One line of the run: a stage and (built when its turn comes, from the outputs before it) its config."""
@@ -192,6 +278,7 @@ class Pipeline:
     """The stages of one run, with their fixed paths; `run()` executes them in order."""
 
     def __init__(self, config: RunConfig, force: bool = False, echo=print):
+        config = expand_compare(config)
         self.config, self.force, self.echo = config, force, echo
         self.out = Path(config.output)
         self.corpus = self.out / "corpus"
@@ -339,12 +426,9 @@ class Pipeline:
 
     def student_train_config(self, student: StudentConfig) -> TrainConfig:
         e = self.config.eval
-        config = dataclasses.replace(self.config.student_train(student), corpus=str(self.data(student)),
-                                     split="train", output=str(self.student(student.name)),
-                                     eval_corpus=str(self.corpus), eval_split=e.split,
-                                     eval_max_instances=e.max_instances)
-        if config.max_tokens is None and config.max_steps is None:
-            config.max_tokens = self.smallest_student_corpus
+        config = self._data_train_config(student)
+        if self.config.compare is not None and config.max_steps is None:
+            config.max_steps = self.matched_steps(student)
         corpus = PackedCorpus(config.corpus)
         steps = planned_steps(config, corpus.split("train"))
         if config.kd == "vanilla" and config.match_flops:  # as many held-out points as the others get
@@ -354,6 +438,25 @@ class Pipeline:
             steps = flop_matched_steps(steps, student_parameters, teacher)
         config.eval_every = max(1, steps // e.points)
         return config
+
+    def _data_train_config(self, student: StudentConfig) -> TrainConfig:
+        """A student's train config on its data, its budget in tokens (the smallest student corpus by default)."""
+        e = self.config.eval
+        config = dataclasses.replace(self.config.student_train(student), corpus=str(self.data(student)),
+                                     split="train", output=str(self.student(student.name)),
+                                     eval_corpus=str(self.corpus), eval_split=e.split,
+                                     eval_max_instances=e.max_instances)
+        if config.max_tokens is None and config.max_steps is None:
+            config.max_tokens = self.smallest_student_corpus
+        return config
+
+    def matched_steps(self, student: StudentConfig) -> int:
+        """compare: every student takes the optimizer steps its size's no-KD student takes for the token budget
+        on the pool, so that the arms of a size differ in their data only (same steps, same batch)."""
+        base = next(s for s in self.config.students if s.data == "all" and s.model == student.model
+                    and s.tokenizer == student.tokenizer)
+        config = self._data_train_config(base)
+        return planned_steps(config, PackedCorpus(config.corpus).split("train"))
 
     def final_eval_config(self, student: StudentConfig) -> FinalEvalConfig:
         e, run = self.config.eval, self.student(student.name)
@@ -435,7 +538,53 @@ class Pipeline:
                 gist = result.summary.splitlines()[-1] if result.summary else ""
                 self.echo(f"        {'done' if result.ran else 'cached'} in {time.time() - started:.1f} s"
                           + (f": {gist}" if gist else ""))
+            if self.config.compare is not None:
+                self.compare_report()
             return self.results()
+
+    # -- compare: each signal against its control ------------------------------------------------------
+    def compare_signals(self) -> dict[str, list[Signal]]:
+        """Per student size, each signal's and its control's evaluated students (the finished ones)."""
+        c = self.config.compare
+        sizes = {c.student.model: ""} | ({c.second_size.model: f"{c.second_size.model}-"} if c.second_size else {})
+        out = {}
+        for size, prefix in sizes.items():
+            out[size] = [Signal(name, control(name, signal)[0], self.evaluations(prefix, name),
+                                self.evaluations(prefix, control(name, signal)[0]), self.signal_cost(name))
+                         for name, signal in c.signals.items()]
+        return out
+
+    def evaluations(self, prefix: str, arm: str) -> dict[int, dict[str, dict]]:
+        """{seed: {split: per_instance record}} of an arm's evaluated students of one size."""
+        found = {}
+        for seed in self.config.compare.seeds:
+            path = self.student(f"{prefix}{arm}-s{seed}") / "evaluation" / SPLITS_FILE
+            if path.is_file():
+                splits = read_json(path)["splits"]
+                found[seed] = {s: v["per_instance"] for s, v in splits.items() if "per_instance" in v}
+        return found
+
+    def signal_cost(self, name: str) -> float | None:
+        """Offline seconds of a signal: the scoring runs it reads and its own selection (a classifier's fit)."""
+        selection = read_manifest(self.selection(name))
+        if selection is None:
+            return None
+        runs = {"teacher": self.teacher_scores(), "reference": self.scores["reference"]}
+        needs = NEEDS[self.config.compare.signals[name].selector]
+        return sum((read_manifest(runs[n]) or {}).get("wall_seconds", 0.0) for n in needs) + selection["wall_seconds"]
+
+    def compare_report(self) -> Path:
+        rule, out = self.config.compare.rule, self.out / "compare"
+        out.mkdir(parents=True, exist_ok=True)
+        ranked = {size: rank(signals, rule) for size, signals in self.compare_signals().items()}
+        forest_plot(ranked, rule, out / "forest.png")
+        (out / "report.md").write_text(render_report(ranked, rule, f"{self.config.title}: which signal beats "
+                                                                   f"its control", "forest.png"), encoding="utf-8")
+        write_json_atomic(out / "compare.json", jsonable({"rule": dataclasses.asdict(rule), "sizes": ranked}))
+        for size, rows in ranked.items():
+            self.echo(f"compare ({size}): " + "; ".join(f"{r['signal']} {r['outcome']}" for r in rows))
+        self.echo(f"compare: {out / 'report.md'}")
+        return out / "report.md"
 
     # -- the summary -------------------------------------------------------------------------------------
     def results(self) -> dict:

@@ -48,13 +48,13 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        candidates = [arg for arg in args if arg is not type(None)]
+        for arg in candidates:
             try:
                 return coerce(value, arg, where)
             except ConfigError:
-                continue
+                if len(candidates) == 1 and dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                    raise  # an optional section: its own message names the key inside it
         raise ConfigError(f"{where}: expected {type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in get_args(tp):

@@ -151,3 +151,113 @@ def rank_agreement(first: list[str], second: list[str]) -> float:
         return math.nan
     tau = stats.kendalltau([first.index(n) for n in common], [second.index(n) for n in common]).statistic
     return float(tau)
+
+
+@dataclass
+class Signal:
+    """One signal's students of one size: its arm and its control, each {seed: {split: per_instance record}}."""
+
+    name: str
+    control_name: str
+    arm: dict[int, dict[str, dict]]
+    control: dict[int, dict[str, dict]]
+    cost_seconds: float | None = None  # what selecting with it cost offline (scoring, fitting), when known
+
+
+def rank(signals: list[Signal], rule: Rule = Rule()) -> list[dict]:
+    """Each signal against its control on every split, decided and ranked by the mean gain on the rule's split
+    (best first; pending signals last)."""
+    rows = []
+    for signal in signals:
+        comparison = compare(signal.control, signal.arm, signal.control_name, signal.name)
+        outcome, figures = decide(comparison, rule)
+        splits = {split: {unit: comparison.summary(split, unit, rule.confidence) for unit in UNITS}
+                  for split in comparison.splits()}
+        rows.append({"signal": signal.name, "control": signal.control_name, "outcome": outcome,
+                     "clauses": figures.get("clauses", {}), "seeds": sorted(comparison.seeds),
+                     "cost_seconds": signal.cost_seconds, "splits": splits})
+    return sorted(rows, key=lambda r: -r["splits"].get(rule.split, {}).get("loss_per_token", {}).get("mean", -math.inf)
+                  if r["splits"].get(rule.split) else math.inf)
+
+
+def jsonable(value):
+    """`value` with every nan as None, for strict JSON readers."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _cell(summary: dict, which: str) -> str:
+    low, high = summary[which]
+    interval = f"[{low:+.4f}, {high:+.4f}]" if np.isfinite(low) else "n/a"
+    return f"{summary['mean']:+.4f} {interval}"
+
+
+def render_report(ranked: dict[str, list[dict]], rule: Rule, title: str, figure: str | None) -> str:
+    """report.md: per size the ranked table (paired difference control - signal, mean over seeds with the
+    t-interval and the seed+instance bootstrap), each split in both units, the verdicts and the sizes' agreement."""
+    lines = [f"# {title}", "",
+             f"d = loss(control) - loss(signal) on the same held-out instances, per seed; positive: the signal's "
+             f"students are better. Mean over seeds [{rule.confidence:.0%} t-interval over seeds] and "
+             f"[{rule.confidence:.0%} bootstrap over seeds and instances together].", "",
+             f"Rule (split `{rule.split}`, nats/token): **works** if every seed pair gains >= {rule.works}"
+             + (f", the {'t-interval' if rule.interval == 't' else 'bootstrap'} lies above 0"
+                if rule.interval != "none" else "")
+             + f" and no other split's mean gain is below {rule.not_worse}; **does not work** if the mean gain is "
+             f"under {rule.does_not_work}; **inconclusive** otherwise (more seeds, larger students or a GPU "
+             f"narrow it); **pending** until {rule.seeds} seed pairs have finished.", ""]
+    for size, rows in ranked.items():
+        splits = list(dict.fromkeys(s for r in rows for s in r["splits"]))
+        lines += [f"## {size}", "", f"| rank | signal | control | verdict | d per seed on {rule.split} | "
+                  "offline cost | " + " | ".join(f"{s} nats/token: t / bootstrap" for s in splits) + " | "
+                  + " | ".join(f"{s} bits/byte (t)" for s in splits) + " |",
+                  "|---" * (6 + 2 * len(splits)) + "|"]
+        for i, r in enumerate(rows, 1):
+            cost = "-" if r["cost_seconds"] is None else f"{r['cost_seconds']:,.0f} s"
+            nats = [f"{_cell(r['splits'][s]['loss_per_token'], 't_interval')} / "
+                    f"{_cell(r['splits'][s]['loss_per_token'], 'bootstrap').split(' ', 1)[1]}"
+                    if s in r["splits"] else "-" for s in splits]
+            bits = [_cell(r["splits"][s]["bits_per_byte"], "t_interval") if s in r["splits"] else "-" for s in splits]
+            primary = r["splits"].get(rule.split, {}).get("loss_per_token", {}).get("per_seed", [])
+            per_seed = ", ".join(f"{seed}: {d:+.4f}" for seed, d in zip(r["seeds"], primary)) or "-"
+            lines.append(f"| {i} | {r['signal']} | {r['control']} | **{r['outcome']}** | {per_seed} | {cost} | "
+                         + " | ".join(nats + bits) + " |")
+        lines.append("")
+    if len(ranked) == 2:
+        (a, first), (b, second) = ranked.items()
+        tau = rank_agreement([r["signal"] for r in first], [r["signal"] for r in second])
+        lines += [f"Rank agreement between {a} and {b} (Kendall's tau): {tau:+.2f} (1: the same order; the "
+                  f"decision is stable across sizes only when it is near 1).", ""]
+    if figure:
+        lines += [f"![paired differences with their intervals]({figure})", ""]
+    return "\n".join(lines)
+
+
+def forest_plot(ranked: dict[str, list[dict]], rule: Rule, path) -> None:
+    """Each signal's mean gain on the rule's split with its t-interval and bootstrap, one panel per size."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no window
+
+    fig = Figure(figsize=(7, 1 + 0.5 * max(len(rows) for rows in ranked.values()) * len(ranked)))
+    axes = fig.subplots(len(ranked), 1, squeeze=False)[:, 0]
+    for ax, (size, rows) in zip(axes, ranked.items()):
+        shown = [r for r in rows if rule.split in r["splits"]]
+        for y, r in enumerate(reversed(shown)):
+            s = r["splits"][rule.split]["loss_per_token"]
+            for which, offset, color in (("t_interval", 0.12, "#1f77b4"), ("bootstrap", -0.12, "#ff7f0e")):
+                low, high = s[which]
+                if np.isfinite(low):
+                    ax.plot([low, high], [y + offset] * 2, color=color, lw=2,
+                            label=which.replace("_", "-") if y == 0 else None)
+            ax.plot([s["mean"]], [y], "ko")
+        ax.axvline(0, color="grey", lw=1)
+        ax.axvline(rule.works, color="green", lw=1, ls="--")
+        ax.set_yticks(range(len(shown)), [r["signal"] for r in reversed(shown)])
+        ax.set_title(f"{size}: control - signal on {rule.split} (nats/token)", fontsize=9)
+        if shown:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
