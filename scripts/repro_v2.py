@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/repro_tables.py collect out/repro_v2 results/repro_v2
     .venv/bin/python scripts/repro_v2.py results/repro_v2 docs/results/repro_v2.md
+    .venv/bin/python scripts/repro_v2.py results/repro_v2 --compare     # v2's signals as `miniplm compare` ranks them
 
 Rewrites the part of the document between `<!-- tables:begin -->` and `<!-- tables:end -->`. Arms whose
 students have not finished yet show as pending, and so does the decision until every student it needs exists.
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from miniplm.evaluation.comparison import Rule, compare
+from miniplm.evaluation.comparison import Rule, Signal, compare, rank, render_report
 from miniplm.evaluation.comparison import decide as decide_rule
 from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, measured_saving, read_curve
 
@@ -298,11 +299,45 @@ def render(results: Path) -> str:
     return "\n".join(out)
 
 
+# the signals of v2 as `miniplm compare` sees them: (signal, its control), the control built as compare builds it
+COMPARE = [("miniplm-wd", "random-wd"), ("teacher-ppl-wd", "random-wd"), ("ref-ppl-wd", "random-wd"),
+           ("miniplm", "random-mix"), ("miniplm-proxy", "random-mix")]
+
+
+def compare_view(results: Path) -> str:
+    """v2's signals through `miniplm compare`'s statistics and report (issue 27's default rule, not v2's
+    registered one): what `miniplm compare` would have printed for the reproduction."""
+    arms = load(results)
+    seconds = {who: _json(results / "scores" / who / "manifest.json").get("wall_seconds", 0.0)
+               for who in ("teacher", "reference", "proxy")}
+
+    def cost(signal: str) -> float:
+        manifest = _json(results / "selections" / signal / "manifest.json")
+        needs = {"difference": ("teacher", "reference"), "teacher-ppl": ("teacher",), "ref-ppl": ("reference",)}
+        reads = needs.get(manifest["config"]["selector"], ())
+        if manifest["config"].get("teacher", "").endswith("proxy"):
+            reads = ("proxy", "reference")
+        return sum(seconds[who] for who in reads) + manifest.get("wall_seconds", 0.0)
+
+    signals = [Signal(signal, control, per_instance(arms.get(signal, {})), per_instance(arms.get(control, {})),
+                      cost(signal)) for signal, control in COMPARE]
+    rule = Rule()
+    return render_report({"llama-small, bpe8k": rank(signals, rule)}, rule,
+                         "Reproduction v2 through `miniplm compare`", None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path)
-    parser.add_argument("document", type=Path)
+    parser.add_argument("document", type=Path, nargs="?", help="the document whose tables to rewrite")
+    parser.add_argument("--compare", action="store_true", help="print v2's signals as `miniplm compare` reports "
+                        "them (issue 27's default rule) instead of rewriting the document")
     args = parser.parse_args()
+    if args.compare:
+        print(compare_view(args.results))
+        return
+    if args.document is None:
+        parser.error("give the document to rewrite, or --compare")
     text = args.document.read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{args.document} has no {BEGIN} ... {END} markers to fill")

@@ -27,6 +27,29 @@ def test_prepare_help_documents_every_option_with_its_default(capsys):
         assert default in blocks[option], (option, blocks.get(option))
 
 
+def help_of(capsys, *command) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--help"])
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_shows_each_options_type_in_its_metavar(capsys):
+    out = help_of(capsys, "train")
+    for shown in ("--batch_size INT", "--lr FLOAT", "--progress {true,false}", "--output PATH", "--corpus PATH",
+                  "--order {stored,shuffled}", "--split TEXT", "--precision {auto,fp32,bf16,fp16}"):
+        assert shown in out, shown
+    assert "--inputs YAML [YAML ...]" in help_of(capsys, "prepare")  # paths or {path, format, domain} mappings
+    assert "--domain_quota YAML" in help_of(capsys, "select")
+    from miniplm.cli import COMMANDS
+
+    for command in COMMANDS:
+        assert " VALUE" not in help_of(capsys, *command.name.split()), command.name
+    # and a bad value keeps its clear one-line refusal
+    assert main(["train", "--batch-size", "big"]) == 2
+    assert "batch_size: expected an integer, got 'big'" in capsys.readouterr().err
+
+
 def test_cli_options_yaml_and_dotted_overrides(tmp_path, capsys):
     cfg = tmp_path / "p.yaml"
     cfg.write_text("max_len: 64\nseed: 3\nsplits:\n  ref:\n    fraction: 0.1\n")

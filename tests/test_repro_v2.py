@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,17 @@ def test_no_verdict_on_the_differences_below_the_registered_tier(no_kd, outcome,
                         lambda path: {"levels": points} if path.name == "reference_points.json" else {})
     rendered = repro_v2.render(tmp_path)
     assert f"- **primary** (miniplm-wd against random-wd): **{outcome}**" in rendered
+
+
+def test_v2_through_compare_gives_the_papers_paired_differences_and_verdicts():
+    """`miniplm compare`'s statistics on v2's committed students: the same per-seed differences as the
+    document's paired-differences table, and, under issue 27's rule, the verdicts v2 registered."""
+    view = repro_v2.compare_view(ROOT / "results" / "repro_v2")
+    document = (ROOT / "docs" / "results" / "repro_v2.md").read_text()
+    for control, arm in (("random-wd", "miniplm-wd"), ("random-mix", "miniplm")):
+        seeds = [re.search(rf"^\| {control} \| {arm} \| {seed} \| ([+-]\d\.\d{{4}}) ", document, re.M)[1]
+                 for seed in repro_v2.SEEDS]
+        row = next(line for line in view.splitlines() if line.startswith("| ") and f"| {arm} | {control} |" in line)
+        assert ", ".join(f"{seed}: {d}" for seed, d in zip(repro_v2.SEEDS, seeds)) in row
+        assert "**does not work**" in row
+    assert view.count("| **pending** |") == 3  # the one-seed arms

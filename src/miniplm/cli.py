@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 import re
 import sys
+import types
+import typing
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -66,6 +68,36 @@ def _format_default(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+# options whose value names a file or directory (local, or anything the stage's reader takes)
+_PATH_WORDS = ("output", "corpus", "selection", "teacher", "reference", "model", "tokenizer", "inputs", "run",
+               "runs", "costs", "target", "config")
+_PATH_HELP = ("directory", "file", "path", "output", "`miniplm")
+
+
+def metavar(name: str, tp: Any, help_text: str) -> str:
+    """What `--help` shows for an option's value: INT, FLOAT, {true,false}, {a,b}, PATH, TEXT or YAML."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] \
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
+    item = list_item_type(tp)
+    if item is not None:
+        args = [item]
+    if len(args) != 1:
+        return "YAML"  # str or a mapping, say: written as YAML
+    (arg,) = args
+    if typing.get_origin(arg) is typing.Literal:
+        return "{" + ",".join(str(a) for a in typing.get_args(arg)) + "}"
+    if arg is bool:
+        return "{true,false}"
+    if arg in (int, float):
+        return arg.__name__.upper()
+    if arg is str:
+        last = name.rsplit(".", 1)[-1]
+        path = last in _PATH_WORDS or last.endswith(tuple(f"_{w}" for w in _PATH_WORDS)) \
+            or any(w in help_text.lower() for w in _PATH_HELP)
+        return "PATH" if path else "TEXT"
+    return "YAML"
+
+
 def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     group = parser.add_argument_group("config options (also settable in the YAML file)")
     for name, tp, default, help_text in iter_leaf_fields(cls):
@@ -77,7 +109,7 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
             *flags,
             dest=f"cfg:{name}",
             nargs="+" if list_item_type(tp) is not None else None,
-            metavar="VALUE",
+            metavar=metavar(name, tp, help_text),
             default=argparse.SUPPRESS,
             help=text.replace("%", "%%"),
         )

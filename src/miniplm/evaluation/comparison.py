@@ -176,8 +176,11 @@ def rank(signals: list[Signal], rule: Rule = Rule()) -> list[dict]:
         rows.append({"signal": signal.name, "control": signal.control_name, "outcome": outcome,
                      "clauses": figures.get("clauses", {}), "seeds": sorted(comparison.seeds),
                      "cost_seconds": signal.cost_seconds, "splits": splits})
-    return sorted(rows, key=lambda r: -r["splits"].get(rule.split, {}).get("loss_per_token", {}).get("mean", -math.inf)
-                  if r["splits"].get(rule.split) else math.inf)
+    def order(row: dict) -> tuple[bool, float]:
+        mean = row["splits"].get(rule.split, {}).get("loss_per_token", {}).get("mean", math.nan)
+        return row["outcome"] == "pending", -mean if math.isfinite(mean) else math.inf
+
+    return sorted(rows, key=order)
 
 
 def jsonable(value):
