@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from miniplm.evaluation.comparison import Rule, Signal, compare, rank, render_report
 from miniplm.evaluation.comparison import decide as decide_rule
 from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, measured_saving, read_curve
+from miniplm.selection.select import NEEDS
 
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 PRIMARY, SPLITS, SEEDS = "heldout", ("heldout", "heldout_hq", "heldout_unseen"), (10, 11, 12)
@@ -313,8 +314,7 @@ def compare_view(results: Path) -> str:
 
     def cost(signal: str) -> float:
         manifest = _json(results / "selections" / signal / "manifest.json")
-        needs = {"difference": ("teacher", "reference"), "teacher-ppl": ("teacher",), "ref-ppl": ("reference",)}
-        reads = needs.get(manifest["config"]["selector"], ())
+        reads = NEEDS[manifest["config"]["selector"]]
         if manifest["config"].get("teacher", "").endswith("proxy"):
             reads = ("proxy", "reference")
         return sum(seconds[who] for who in reads) + manifest.get("wall_seconds", 0.0)

@@ -137,7 +137,8 @@ class Export(Stage):
                 return ids
             return convert(ids) if convert is not None else ids[: max_len + 1]
 
-        writer = fmt(Job(out, tokenizer, source_tok, corpus.eos_id, fmt.dtype(vocab), config))
+        dtype = fmt.dtype(vocab)
+        writer = fmt(Job(out, tokenizer, source_tok, corpus.eos_id, dtype, config))
         tokenizer_facts = writer.save_tokenizer() if fmt.tokens else {}
         count = tokens = held = 0
         for rows in _rows(selection, config.subset):
@@ -176,13 +177,13 @@ class Export(Stage):
         return dict(
             selection={"path": str(selection), "key": sel_manifest["key"]},
             corpus={"path": str(corpus.path), "key": corpus.key},
-            instances=count, tokens=tokens, dtype=fmt.dtype(vocab).name if fmt.tokens else None, max_len=max_len,
+            instances=count, tokens=tokens, dtype=dtype.name if fmt.tokens else None, max_len=max_len,
             tokenizer={"spec": config.tokenizer or corpus.manifest["tokenizer"]["spec"], "vocab_size": vocab,
                        "retokenized": convert is not None,
                        "bos": None if convert is None else convert.bos,
                        # what `PackedCorpus` reads, so that `miniplm train --corpus` takes a tokens export
                        **({"eos_id": int(tokenizer.eos_token_id if student is not None else corpus.eos_id),
-                           "dtype": fmt.dtype(vocab).name, "path": "tokenizer"} if fmt.tokens else {}),
+                           "dtype": dtype.name, "path": "tokenizer"} if fmt.tokens else {}),
                        **tokenizer_facts},
             splits={"train": {"instances": count, "tokens": tokens}} if config.format == "tokens" else None,
             validation={"source": "val_fraction" if validation is None else config.val_split, "instances": held}
