@@ -4,7 +4,9 @@ every signal against its control."""
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import pytest
 import yaml
 
@@ -92,6 +94,12 @@ def test_a_tiny_compare_end_to_end_reports_every_signal(tmp_path, tokenizer_dir,
         assert len(per_token["per_seed"]) == 2 and per_token["t_interval"][0] <= per_token["mean"]
     report = (out / "compare" / "report.md").read_text()
     assert "| 1 |" in report and "| 2 |" in report and (out / "compare" / "forest.png").stat().st_size > 0
+    for arm in ("no-kd", "random-wd", "random-mix-miniplm", "miniplm-wd", "miniplm"):  # the students table
+        final = [json.loads((out / "students" / f"{arm}-s{seed}" / "evaluation" / "eval_splits.json").read_text())
+                 ["splits"]["heldout"]["loss_per_token"] for seed in (10, 11)]
+        assert re.search(rf"^\| {arm} \| llama-tiny \| .* \| 10,11 \| .* \| {np.mean(final):.4f} ± ", report, re.M)
+    for control, arm in (("random-wd", "miniplm-wd"), ("random-mix-miniplm", "miniplm")):  # by domain
+        assert re.search(rf"^\| {control} \| {arm} \| -?\d", report, re.M)
     assert "compare (llama-tiny):" in printed
     # a rerun finds every stage cached and writes the same numbers
     assert main(["compare", str(path)]) == 0

@@ -1,8 +1,10 @@
-"""The pre-registered decision rule of docs/results/repro_v2.md, as scripts/repro_v2.py computes it."""
+"""The pre-registered decision rule of docs/results/repro_v2.md, as scripts/repro_v2.py computes it, and the
+results documents' tables regenerated through `miniplm.evaluation.results`."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -81,8 +83,7 @@ def test_no_verdict_on_the_differences_below_the_registered_tier(no_kd, outcome,
     assert reached == ("CPU" if no_kd == 5.5 else "none"), text
     assert repro_v2.tier(arms, {})[0] == "pending"
     monkeypatch.setattr(repro_v2, "load", lambda results: arms)
-    monkeypatch.setattr(repro_v2, "_json",
-                        lambda path: {"levels": points} if path.name == "reference_points.json" else {})
+    (tmp_path / "reference_points.json").write_text(json.dumps({"levels": points}))
     rendered = repro_v2.render(tmp_path)
     assert f"- **primary** (miniplm-wd against random-wd): **{outcome}**" in rendered
 
@@ -99,3 +100,12 @@ def test_v2_through_compare_gives_the_papers_paired_differences_and_verdicts():
         assert ", ".join(f"{seed}: {d}" for seed, d in zip(repro_v2.SEEDS, seeds)) in row
         assert "**does not work**" in row
     assert view.count("| **pending** |") == 3  # the one-seed arms
+
+
+def test_the_first_reproductions_tables_regenerate_from_its_committed_results(tmp_path):
+    document = ROOT / "docs" / "results" / "micro_repro.md"
+    copy = tmp_path / "micro_repro.md"
+    copy.write_text(document.read_text())
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "repro_tables.py"), "render",
+                    str(ROOT / "results" / "micro_repro"), str(copy)], check=True, capture_output=True)
+    assert copy.read_text() == document.read_text()

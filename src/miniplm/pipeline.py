@@ -30,10 +30,10 @@ from miniplm.data.bpe import TokenizerTrainConfig, TrainTokenizer
 from miniplm.data.ngram import check_orders
 from miniplm.data.prepare import Prepare, PrepareConfig
 from miniplm.data.shards import PackedCorpus
+from miniplm.evaluation import results as results_folder
 from miniplm.evaluation.comparison import Rule, Signal, forest_plot, jsonable, rank, render_report
 from miniplm.evaluation.final import (
     POINTS_FILE,
-    SPLITS_FILE,
     FinalEval,
     FinalEvalConfig,
     ReferencePoints,
@@ -543,43 +543,47 @@ class Pipeline:
             return self.results()
 
     # -- compare: each signal against its control ------------------------------------------------------
-    def compare_signals(self) -> dict[str, list[Signal]]:
-        """Per student size, each signal's and its control's evaluated students (the finished ones)."""
-        c = self.config.compare
-        sizes = {c.student.model: ""} | ({c.second_size.model: f"{c.second_size.model}-"} if c.second_size else {})
-        out = {}
-        for size, prefix in sizes.items():
-            out[size] = [Signal(name, control(name, signal)[0], self.evaluations(prefix, name),
-                                self.evaluations(prefix, control(name, signal)[0]), self.signal_cost(name))
-                         for name, signal in c.signals.items()]
-        return out
+    def compare_arms(self) -> dict[str, dict[int, dict]]:
+        """{arm: {seed: student}} of the evaluated students (`<size prefix><arm>-s<seed>`)."""
+        return results_folder.arms(self.out, default_seed=self.config.compare.seeds[0])
 
-    def evaluations(self, prefix: str, arm: str) -> dict[int, dict[str, dict]]:
-        """{seed: {split: per_instance record}} of an arm's evaluated students of one size."""
-        found = {}
-        for seed in self.config.compare.seeds:
-            path = self.student(f"{prefix}{arm}-s{seed}") / "evaluation" / SPLITS_FILE
-            if path.is_file():
-                splits = read_json(path)["splits"]
-                found[seed] = {s: v["per_instance"] for s, v in splits.items() if "per_instance" in v}
-        return found
+    def compare_sizes(self) -> dict[str, str]:
+        """{student model: the prefix of its students' names} of the compared sizes."""
+        c = self.config.compare
+        return {c.student.model: ""} | ({c.second_size.model: f"{c.second_size.model}-"} if c.second_size else {})
+
+    def compare_signals(self, arms: dict[str, dict[int, dict]]) -> dict[str, list[Signal]]:
+        """Per student size, each signal's and its control's evaluated students."""
+        c, splits = self.config.compare, tuple(self.config.compare.splits)
+        return {size: [Signal(name, control(name, signal)[0],
+                              results_folder.per_instance(arms.get(f"{prefix}{name}", {}), splits),
+                              results_folder.per_instance(arms.get(f"{prefix}{control(name, signal)[0]}", {}), splits),
+                              self.signal_cost(name))
+                       for name, signal in c.signals.items()]
+                for size, prefix in self.compare_sizes().items()}
 
     def signal_cost(self, name: str) -> float | None:
         """Offline seconds of a signal: the scoring runs it reads and its own selection (a classifier's fit)."""
         selection = read_manifest(self.selection(name))
         if selection is None:
             return None
-        runs = {"teacher": self.teacher_scores(), "reference": self.scores["reference"]}
-        needs = NEEDS[self.config.compare.signals[name].selector]
-        return sum((read_manifest(runs[n]) or {}).get("wall_seconds", 0.0) for n in needs) + selection["wall_seconds"]
+        return results_folder.signal_seconds(selection, {who: (read_manifest(path) or {}).get("wall_seconds", 0.0)
+                                          for who, path in self.scores.items()})
 
     def compare_report(self) -> Path:
-        rule, out = self.config.compare.rule, self.out / "compare"
+        c, out = self.config.compare, self.out / "compare"
+        rule, splits = c.rule, tuple(c.splits)
         out.mkdir(parents=True, exist_ok=True)
-        ranked = {size: rank(signals, rule) for size, signals in self.compare_signals().items()}
+        arms = self.compare_arms()
+        ranked = {size: rank(signals, rule) for size, signals in self.compare_signals(arms).items()}
         forest_plot(ranked, rule, out / "forest.png")
-        (out / "report.md").write_text(render_report(ranked, rule, f"{self.config.title}: which signal beats "
-                                                                   f"its control", "forest.png"), encoding="utf-8")
+        pairs = [(f"{prefix}{control(name, signal)[0]}", f"{prefix}{name}") for prefix in self.compare_sizes().values()
+                 for name, signal in c.signals.items()]
+        # the students behind the ranking: each arm's losses, and where in the mix each signal gains or loses
+        details = (results_folder.students_table(arms, splits) + results_folder.domain_table(
+            self.corpus / rule.split / "instances.parquet", arms, pairs, rule.split))
+        report = render_report(ranked, rule, f"{self.config.title}: which signal beats its control", "forest.png")
+        (out / "report.md").write_text(report + "\n" + "\n".join(details), encoding="utf-8")
         write_json_atomic(out / "compare.json", jsonable({"rule": dataclasses.asdict(rule), "sizes": ranked}))
         for size, rows in ranked.items():
             self.echo(f"compare ({size}): " + "; ".join(f"{r['signal']} {r['outcome']}" for r in rows))

@@ -26,7 +26,7 @@ def loss_summary(nats: np.ndarray, counts: np.ndarray, nbytes: np.ndarray, seed:
                "bits_per_byte": float(nats.sum() / math.log(2) / nbytes.sum()) if nbytes.sum() else math.nan,
                "instances": int(len(nats)), "tokens": int(counts.sum()), "bytes": int(nbytes.sum())}
     if len(nats) > 1:
-        per_token, per_byte = _means(nats, counts, nbytes, _draws(len(nats), seed))
+        per_token, per_byte = means(nats, counts, nbytes, _draws(len(nats), seed))
         summary["loss_per_token_ci95"] = [float(v) for v in np.percentile(per_token, [2.5, 97.5])]
         summary["bits_per_byte_ci95"] = [float(v) for v in np.percentile(per_byte, [2.5, 97.5])]
     return summary
@@ -42,7 +42,7 @@ def paired_difference(mine: dict, theirs: dict, seed: int = 0) -> dict:
         raise ValueError("paired_difference: the two records cover different numbers of instances")
 
     def difference(index) -> tuple[np.ndarray, np.ndarray]:
-        (token_a, byte_a), (token_b, byte_b) = (_means(a["nats"], a["tokens"], a["bytes"], index) for a in arrays)
+        (token_a, byte_a), (token_b, byte_b) = (means(a["nats"], a["tokens"], a["bytes"], index) for a in arrays)
         return token_a - token_b, byte_a - byte_b
 
     token, byte = difference(np.arange(n))
@@ -57,7 +57,7 @@ def _draws(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
 
 
-def _means(nats: np.ndarray, counts: np.ndarray, nbytes: np.ndarray, index: np.ndarray):
+def means(nats: np.ndarray, counts: np.ndarray, nbytes: np.ndarray, index: np.ndarray):
     """(nats/token, bits/byte) of the instances `index` selects (the last axis: one mean per row of draws)."""
     total = nats[index].sum(-1)
     return total / np.maximum(counts[index].sum(-1), 1), total / math.log(2) / np.maximum(nbytes[index].sum(-1), 1)

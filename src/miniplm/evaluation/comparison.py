@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 from scipy import stats
 
-from miniplm.core.metrics import BOOTSTRAP_RESAMPLES, paired_difference
+from miniplm.core.metrics import BOOTSTRAP_RESAMPLES, means, paired_difference
 
 UNITS = ("loss_per_token", "bits_per_byte")
 Outcome = Literal["works", "does not work", "inconclusive", "pending"]
@@ -54,31 +54,26 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float]:
     return mean - margin, mean + margin
 
 
-def _records(pair: tuple[dict, dict]) -> list[dict[str, np.ndarray]]:
-    return [{k: np.asarray(r[k], dtype=np.float64) for k in ("nats", "tokens", "bytes")} for r in pair]
-
-
 def seed_instance_bootstrap(pairs: list[tuple[dict, dict]], unit: str = "loss_per_token", confidence: float = 0.95,
                             resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
     """Percentile interval of the mean paired difference over seeds, resampling the seeds (with replacement) and,
     inside each drawn seed, its instances: `pairs` holds one (control, arm) pair of `per_instance` records per
     seed. Seeded: the same inputs give the same interval."""
     rng = np.random.default_rng(seed)
-    records = [_records(pair) for pair in pairs]
-    denominator = "tokens" if unit == "loss_per_token" else "bytes"
-    scale = 1.0 if unit == "loss_per_token" else 1 / math.log(2)
-    means = np.empty(resamples)
+    records = [[[np.asarray(r[k], dtype=np.float64) for k in ("nats", "tokens", "bytes")] for r in pair]
+               for pair in pairs]
+    which = UNITS.index(unit)
+    differences = np.empty(resamples)
     for b in range(resamples):
         drawn = rng.integers(0, len(records), size=len(records))
         total = 0.0
         for s in drawn:
             control, arm = records[s]
-            index = rng.integers(0, len(control["nats"]), size=len(control["nats"]))
-            total += scale * (control["nats"][index].sum() / max(control[denominator][index].sum(), 1)
-                              - arm["nats"][index].sum() / max(arm[denominator][index].sum(), 1))
-        means[b] = total / len(drawn)
+            index = rng.integers(0, len(control[0]), size=len(control[0]))
+            total += means(*control, index)[which] - means(*arm, index)[which]
+        differences[b] = total / len(drawn)
     tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(means, [tail, 100 - tail])
+    low, high = np.percentile(differences, [tail, 100 - tail])
     return float(low), float(high)
 
 
@@ -90,6 +85,7 @@ class Comparison:
     arm: str
     seeds: dict[int, dict[str, dict]] = field(default_factory=dict)  # seed -> split -> paired_difference
     pairs: dict[str, list[tuple[dict, dict]]] = field(default_factory=dict)  # split -> per-seed record pairs
+    summaries: dict[tuple, dict] = field(default_factory=dict, repr=False)  # computed once: the bootstrap is slow
 
     def splits(self) -> list[str]:
         return list(dict.fromkeys(s for by_split in self.seeds.values() for s in by_split))
@@ -99,13 +95,16 @@ class Comparison:
 
     def summary(self, split: str, unit: str = "loss_per_token", confidence: float = 0.95) -> dict:
         """Mean, sample std, t-interval and seed+instance bootstrap of the per-seed differences on one split."""
+        if (split, unit, confidence) in self.summaries:
+            return self.summaries[split, unit, confidence]
         values = self.values(split, unit)
-        return {"seeds": len(values), "per_seed": values,
+        self.summaries[split, unit, confidence] = {"seeds": len(values), "per_seed": values,
                 "mean": float(np.mean(values)) if values else math.nan,
                 "std": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
                 "t_interval": list(t_interval(values, confidence)),
                 "bootstrap": list(seed_instance_bootstrap(self.pairs[split], unit, confidence))
                 if self.pairs.get(split) else [math.nan, math.nan]}
+        return self.summaries[split, unit, confidence]
 
 
 def compare(control: dict[int, dict[str, dict]], arm: dict[int, dict[str, dict]], control_name: str = "control",
