@@ -35,6 +35,7 @@ from miniplm.core.config import (
     type_name,
 )
 from miniplm.core.stage import Stage, execute
+from miniplm.core.stop import Stopped, graceful_stop
 from miniplm.data.bpe import TokenizerTrainConfig, TrainTokenizer
 from miniplm.data.prepare import Prepare, PrepareConfig
 from miniplm.evaluation.loss import EvalLossConfig, evaluate_loss
@@ -185,6 +186,11 @@ def _print_results(results: dict) -> None:
         f"{who} {p['loss_per_token']:.4f}" for who, p in levels.items()) + " nats/token; " + ", ".join(
         f"{who} {p['bits_per_byte']:.4f}" for who, p in levels.items()) + " bits/byte", highlight=False,
         markup=False)
+    timings = results.get("wall_seconds", [])
+    if timings:
+        console.print("wall time per stage, this run: " + ", ".join(
+            f"{t['stage']} {t['seconds']:.0f} s" + ("" if t["ran"] else " (cached)") for t in timings)
+            + f"; total {sum(t['seconds'] for t in timings):.0f} s", highlight=False, markup=False)
     best = (results["reference"].get("validation") or {}).get("best")
     if best:
         console.print(f"reference: best validation loss {best['loss_per_token']:.4f} nats/token at step "
@@ -485,6 +491,10 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         p.add_argument("-c", "--config", metavar="FILE.yaml", help="YAML config file (keys as the options below)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
         p.add_argument("--force", action="store_true", help="redo the stage even if its output is up to date")
+        p.add_argument("--grace-s", type=float, default=30.0, metavar="FLOAT",
+                       help="seconds a SIGTERM or Ctrl-C gives the stage to keep what it finished (a part, a "
+                            "checkpoint) before the process ends anyway; a second signal ends it at once "
+                            "(default: 30)")
         if command.plan is not None:
             p.add_argument("--plan", action="store_true", help="print what would run and an estimate of its wall "
                            "time (from a few seconds' probe of this machine), then exit")
@@ -501,6 +511,21 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "subcommand", None):
         args.command = f"{args.command} {args.subcommand}"
     command = commands[args.command]
+    if not args.grace_s > 0:
+        parser.error(f"--grace-s: give a positive number of seconds, not {args.grace_s:g}")
+    try:
+        with graceful_stop(args.grace_s):
+            return _main(command, args)
+    except Stopped as stopped:
+        print(f"miniplm {args.command}: {stopped}; what finished is kept: rerun the same command to resume",
+              file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:  # outside the graceful stop (not the main thread)
+        print(f"miniplm {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+def _main(command: Command, args: argparse.Namespace) -> int:
     try:
         config = build_config(command, args)
         if isinstance(config, RunConfig):
@@ -523,9 +548,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError, ImportError, RuntimeError) as exc:
         print(f"miniplm {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"miniplm {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -280,6 +280,7 @@ class Pipeline:
     def __init__(self, config: RunConfig, force: bool = False, echo=print):
         config = expand_compare(config)
         self.config, self.force, self.echo = config, force, echo
+        self.wall_seconds: list[dict] = []  # each stage of the last run(): its label, seconds, whether it ran
         self.out = Path(config.output)
         self.corpus = self.out / "corpus"
         self.reference = self.out / "reference"
@@ -523,6 +524,7 @@ class Pipeline:
         with output_lock(self.out):
             write_json_atomic(self.out / "run_config.json", to_dict(self.config))
             steps = self.steps()
+            self.wall_seconds.clear()
             for i, step in enumerate(steps, 1):
                 messages: list[str] = []
                 started = time.time()
@@ -536,6 +538,8 @@ class Pipeline:
                         self.echo(f"        {message}")
                     raise
                 gist = result.summary.splitlines()[-1] if result.summary else ""
+                self.wall_seconds.append({"stage": step.label, "seconds": round(time.time() - started, 1),
+                                          "ran": result.ran})
                 self.echo(f"        {'done' if result.ran else 'cached'} in {time.time() - started:.1f} s"
                           + (f": {gist}" if gist else ""))
             if self.config.compare is not None:
@@ -610,7 +614,7 @@ class Pipeline:
         return {"students": rows, "reference_points": points, "report": str(self.report / "report.md"),
                 "reference": {"tokens": reference["tokens"], "steps": reference["steps"],
                               "validation": reference.get("validation")},
-                "baseline": report["baseline"]}
+                "baseline": report["baseline"], "wall_seconds": self.wall_seconds}
 
 
 def read_json(path: Path) -> dict:

@@ -12,7 +12,8 @@ executor does the rest, the same way for every stage:
     manifest  written last: the key, config, inputs, versions, wall time, and the stage's own facts
 
 Under torchrun every rank runs `Stage.run` (it splits the work by rank); rank 0 alone locks, resets and
-writes the manifest.
+writes the manifest. A requested stop (`core.stop`) unwinds a stage at its next unit boundary: a staged
+output is dropped, an in-place one keeps its finished parts or checkpoints for the rerun.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from miniplm.core import distributed
+from miniplm.core import distributed, stop
 from miniplm.core.config import config_hash, to_dict
 from miniplm.core.manifest import (
     MANIFEST,
@@ -80,6 +81,7 @@ def stage_key(stage: Stage, config, inputs: dict) -> str:
 
 def execute(stage: Stage, config, force: bool = False, log=print) -> StageResult:
     """Run `stage` with `config` into `config.output`, or reuse what is there when it is up to date."""
+    stop.check()  # a stop requested during the previous stage of a pipeline: start no other
     rank, world, local_rank = distributed.rank_world()
     joins = world > 1 and not distributed.initialized()  # a stage run inside another's keeps the outer group
     if joins:  # ranks meet at barriers below: join the process group on this rank's device

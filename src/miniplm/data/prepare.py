@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
+from miniplm.core import stop
 from miniplm.core.config import ConfigError, Progress, option, require_at_least_one
 from miniplm.core.hashing import path_sha256
 from miniplm.core.progress import progress
@@ -271,6 +272,7 @@ class Prepare(Stage):
                 if len(batch) >= config.batch_documents:
                     pack(batch)
                     batch = []
+                    stop.check()  # prepare writes its output whole: a stop abandons it
             if batch:
                 pack(batch)
 

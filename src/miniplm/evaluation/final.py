@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from miniplm.core import stop
 from miniplm.core.config import ConfigError, Progress, option
 from miniplm.core.manifest import read_manifest, write_json_atomic
 from miniplm.core.models import load_causal_lm
@@ -56,6 +57,7 @@ class FinalEval(Stage):
             result = evaluate_tasks(EvalTasksConfig(model=str(final), tasks=config.tasks, limit=config.task_limit,
                                                     progress=config.progress), log=log)
             write_json_atomic(out / TASKS_FILE, result)
+            stop.check()  # written whole: a stop between the tasks and the losses abandons it
         if config.splits:
             model = AutoModelForCausalLM.from_pretrained(final, use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(final)

@@ -32,8 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from miniplm.core import stop
 from miniplm.core.config import ConfigError, Progress, option
 from miniplm.core.manifest import read_manifest
+from miniplm.core.progress import progress
 from miniplm.core.stage import Stage, StageResult, execute
 from miniplm.core.tokenizer import load_tokenizer, source_fingerprint
 from miniplm.core.tokens import Retokenizer
@@ -95,6 +97,13 @@ def _rows(selection: Path, subset: str) -> Iterator[dict]:
             yield table.to_pydict()
 
 
+def _count(selection: Path, subset: str) -> int:
+    """How many rows `_rows` yields."""
+    selected = pq.read_table(selection / "instances.parquet", columns=["selected"]).column("selected")
+    kept = int(pc.sum(selected).as_py() or 0)
+    return {"all": len(selected), "selected": kept, "unselected": len(selected) - kept}[subset]
+
+
 def held_for_validation(instance_id: int, fraction: float | None) -> bool:
     """Whether `--val-fraction` moves the instance from train.bin to val.bin (fixed by its id)."""
     return fraction is not None and split_point(0, f"val/{instance_id}") < fraction
@@ -141,16 +150,19 @@ class Export(Stage):
         writer = fmt(Job(out, tokenizer, source_tok, corpus.eos_id, dtype, config))
         tokenizer_facts = writer.save_tokenizer() if fmt.tokens else {}
         count = tokens = held = 0
-        for rows in _rows(selection, config.subset):
-            for i, instance_id in enumerate(rows["instance_id"]):
-                ids = tokens_of(split[instance_id])
-                if held_for_validation(instance_id, config.val_fraction):
-                    writer.add_validation(ids)
-                    held += 1
-                    continue
-                writer.add({k: v[i] for k, v in rows.items()}, ids)
-                count += 1
-                tokens += len(ids)
+        with progress(config.progress, _count(selection, config.subset), "export", unit="instances") as advance:
+            for rows in _rows(selection, config.subset):
+                for i, instance_id in enumerate(rows["instance_id"]):
+                    ids = tokens_of(split[instance_id])
+                    if held_for_validation(instance_id, config.val_fraction):
+                        writer.add_validation(ids)
+                        held += 1
+                        continue
+                    writer.add({k: v[i] for k, v in rows.items()}, ids)
+                    count += 1
+                    tokens += len(ids)
+                advance(len(rows["instance_id"]))
+                stop.check()  # an export is written whole: a stop abandons it
         if validation is not None:
             for i in range(len(validation)):
                 writer.add_validation(tokens_of(validation[i]))

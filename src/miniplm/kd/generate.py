@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from miniplm.core import stop
 from miniplm.core.config import Compute, ConfigError, Precision, option, require_at_least_one
 from miniplm.core.hashing import uniform_hash
 from miniplm.core.manifest import open_parts, part_path, update_plan
@@ -129,6 +130,7 @@ class Generate(Stage):
                     table = generate_part(model, split, parts[p], prompts[parts[p]], config, max_len, p, corpus.eos_id)
                 atomic_write(part_path(output, p), lambda path, table=table: pq.write_table(table, path))
                 advance(len(parts[p]))
+                stop.check()
 
         writer = ShardWriter(output / "train", token_dtype(len(tokenizer)), 1 << 26, shuffle=False, seed=0)
         domains = split.table.column("domain").to_pylist()

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from miniplm.core import distributed
+from miniplm.core import distributed, stop
 from miniplm.core.config import Compute, ConfigError, option, require_at_least_one
 from miniplm.core.hashing import file_sha256
 from miniplm.core.manifest import open_parts, part_path, read_manifest, update_plan
@@ -299,6 +299,7 @@ def _run_local(scorer, split: PackedSplit, job: ScoreJob, parts: list[int], show
         for part in parts:
             write_part(job, part, score_part(scorer, split, job, part))
             advance(int(job.lengths[job.parts[part]].sum()))
+            stop.check()
 
 
 class _RayPartScorer:
@@ -330,6 +331,7 @@ def _run_ray(job: ScoreJob, todo: list[int], log) -> None:
     if started_here:
         ray.init(address=job.config.ray_address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
+        stop.reclaim()  # ray.init replaces the SIGTERM handler with one that exits
     try:
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
@@ -353,6 +355,7 @@ def _run_ray(job: ScoreJob, todo: list[int], log) -> None:
         with progress(job.config.progress, total, "score (ray)") as advance:
             for row in results.iter_rows():
                 advance(int(row["tokens"]))
+                stop.check()  # the actors' parts in flight are abandoned when Ray shuts down
     finally:
         if started_here:
             ray.shutdown()

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from miniplm.core import distributed
+from miniplm.core import distributed, stop
 from miniplm.core.config import Compute, ConfigError, option, require_at_least_one
 from miniplm.core.flops import training_flops
 from miniplm.core.models import (
@@ -377,8 +378,7 @@ class _Loop:
         validate_every = self.config.validate_every or max(1, total_steps // 10)
         window_start, window_tokens = time.time(), 0
         metrics = open(output / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
-        with progress(config.progress and rank == 0, total_steps, "train", unit="steps") as advance:
-            advance(step)
+        with progress(config.progress and rank == 0, total_steps, "train", unit="steps", done=step) as advance:
             while step < total_steps:
                 lr = lr_at(step, total_steps, peak_lr, warmup, config.min_lr_ratio)
                 for group in optimizer.param_groups:
@@ -417,16 +417,19 @@ class _Loop:
                 if self.heldout is not None and (step % config.eval_every == 0 or step == total_steps):
                     _log_eval(output / "eval.jsonl", model, self.tokenizer, self.heldout, config.precision, step,
                               tokens_seen, self.n_params, self.n_teacher)
-                stop = False
+                early_stop = False
                 if self.batches.validating:
                     if step % validate_every == 0 or step == total_steps:
-                        stop = self._validate(step, tokens_seen, device)
-                if step % config.save_every == 0 or step == total_steps or stop:
+                        early_stop = self._validate(step, tokens_seen, device)
+                signalled = _stop_requested(device, world)
+                if step % config.save_every == 0 or step == total_steps or early_stop or signalled:
                     if rank == 0:
                         _save_checkpoint(output, step, position, tokens_seen, model, optimizer, self.tokenizer,
                                          config.keep_checkpoints)
                     distributed.barrier()
-                if stop:
+                if signalled:  # the step is saved: a rerun resumes from it onto the same curve
+                    raise stop.Stopped(stop.requested() or signal.SIGTERM)
+                if early_stop:
                     break
         if metrics is not None:
             metrics.close()
@@ -435,7 +438,7 @@ class _Loop:
     def _validate(self, step: int, tokens: int, device) -> bool:
         """Validation loss into validation.jsonl (rank 0), the best model into best/; True when `patience`
         validations in a row found no new best (every rank gets the same answer)."""
-        stop = torch.zeros((), device=device)
+        patience_over = torch.zeros((), device=device)
         if self.validation is not None:
             path = self.output / VALIDATION_FILE
             rows = _read_rows(path)
@@ -448,8 +451,15 @@ class _Loop:
                                      "bits_per_byte": result["bits_per_byte"]}) + "\n")
             if improved:
                 _save_model(self.output / BEST, self.model, self.tokenizer)
-            stop += bool(self.config.patience) and since >= self.config.patience
-        return bool(distributed.all_reduce_sum(stop) > 0)
+            patience_over += bool(self.config.patience) and since >= self.config.patience
+        return bool(distributed.all_reduce_sum(patience_over) > 0)
+
+
+def _stop_requested(device, world: int) -> bool:
+    """Whether any rank was asked to stop: every rank then stops after the same step."""
+    if world == 1:
+        return stop.requested() is not None
+    return bool(distributed.all_reduce_sum(torch.tensor(float(stop.requested() is not None), device=device)) > 0)
 
 
 def _save_checkpoint(output: Path, step: int, position: int, tokens: int, model, optimizer, tokenizer,
