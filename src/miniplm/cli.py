@@ -186,6 +186,11 @@ def _print_results(results: dict) -> None:
         f"{who} {p['loss_per_token']:.4f}" for who, p in levels.items()) + " nats/token; " + ", ".join(
         f"{who} {p['bits_per_byte']:.4f}" for who, p in levels.items()) + " bits/byte", highlight=False,
         markup=False)
+    pool = results["pool"]
+    if pool["scored"] is not None and pool["scored"] < pool["train_split"]:
+        console.print(f"the selections chose from {pool['scored']:,} of the train split's {pool['train_split']:,} "
+                      f"instances (score.max_instances: a uniform sample when prepare shuffles), scored by the "
+                      f"{pool['scored_by']}", highlight=False, markup=False)
     timings = results.get("wall_seconds", [])
     if timings:
         console.print("wall time per stage, this run: " + ", ".join(

@@ -611,7 +611,11 @@ class Pipeline:
                          "tasks_average": run.get("tasks", {}).get("average"),
                          "compute_saving": run.get("compute_saving")})
         reference = read_manifest(self.reference)
+        teacher = read_manifest(self.teacher_scores()) or {}
+        pool = {"scored": teacher.get("instances"), "scored_by": "proxy" if self.proxied else "teacher",
+                "train_split": len(PackedCorpus(self.corpus).split("train"))}
         return {"students": rows, "reference_points": points, "report": str(self.report / "report.md"),
+                "pool": pool,
                 "reference": {"tokens": reference["tokens"], "steps": reference["steps"],
                               "validation": reference.get("validation")},
                 "baseline": report["baseline"], "wall_seconds": self.wall_seconds}

@@ -1,5 +1,7 @@
 """Fault injection: every long stage, SIGKILLed at seeded random moments, then rerun, ends exactly as if it had
-never been interrupted, and leaves no temporary file behind.
+never been interrupted, and leaves no temporary file behind; stopped by SIGTERM, it keeps what it finished,
+says how to resume, exits 143 within its grace period, and its rerun ends the same way (one process, torchrun,
+Ray).
 
 For each stage: one uninterrupted run (its wall time D), then `MINIPLM_FAULT_KILLS` (default 5) runs of the
 same command into a second directory, each SIGKILLed at a seeded moment in [0.3 D, 0.9 D] (past start-up,
@@ -206,3 +208,161 @@ def test_train(world, tmp_path):
               for d in ("whole", "resumed")]
     assert [(s["position"], s["tokens"]) for s in states[:1]] == [(s["position"], s["tokens"]) for s in states[1:]]
     assert_no_leftovers(tmp_path)
+
+
+# -- SIGTERM: a clean stop ------------------------------------------------------------------------------------
+
+RESUME_LINE = "rerun the same command to resume"
+
+
+def timed_whole(cmd: list[str], started, env=None) -> float:
+    """Run `cmd` to the end; returns how long its stage ran (from `started()` turning true to the exit)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    while proc.poll() is None and not started():
+        time.sleep(0.005)
+    begun = time.time()
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    return time.time() - begun
+
+
+def terminate(cmd: list[str], started, stage_seconds: float, seed: int, env=None) -> tuple[int, str, float]:
+    """Start `cmd`, send SIGTERM at a seeded moment of its stage (after `started()`, within the first 60% of
+    the stage's uninterrupted time), and wait: (return code, stderr, seconds from the signal to the exit)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    while proc.poll() is None and not started():
+        time.sleep(0.005)
+    time.sleep(random.Random(seed).uniform(0.0, 0.6) * stage_seconds)
+    assert proc.poll() is None, "the stage finished before the signal: give it more work"
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err, time.time() - sent
+
+
+def staged(output: Path):
+    return lambda: output.with_name(output.name + ".partial").is_dir()
+
+
+def check_clean_stop(tmp_path: Path, seed: int, command, started) -> str:
+    """Whole run, then a run stopped by SIGTERM (exit 143 well within the 30 s grace, the resume line), then
+    its rerun: byte-identical outputs, no temporary file left. Returns the stopped run's stderr."""
+    seconds = timed_whole(command(tmp_path / "whole"), started(tmp_path / "whole"))
+    resumed = tmp_path / "resumed"
+    code, err, waited = terminate(command(resumed), started(resumed), seconds, seed)
+    assert code == 143, err[-3000:]
+    assert RESUME_LINE in err and "SIGTERM received" in err and waited < 30
+    run_to_end(command(resumed))
+    assert_same_outputs(tmp_path / "whole", resumed)
+    assert_no_leftovers(tmp_path)
+    return err
+
+
+def test_sigterm_prepare(world, tmp_path):
+    raw = make_corpus(tmp_path / "raw", n_docs=2000)
+    check_clean_stop(tmp_path / "runs", 11, lambda out: miniplm(
+        "prepare", "--inputs", raw, "--tokenizer", world["tokenizer"], "--output", out, "--max-len", 64,
+        "--batch-documents", 16, "--progress", "false"), staged)
+
+
+def test_sigterm_score_keeps_its_finished_parts(world, tmp_path):
+    check_clean_stop(tmp_path, 12, lambda out: miniplm(
+        "score", "--model", world["model"], "--corpus", world["corpus"], "--output", out, "--precision", "fp32",
+        "--part-tokens", 400, "--batch-tokens", 128, "--threads", 1, "--progress", "false"),
+        lambda out: lambda: parts(out) >= 1)
+    assert (tmp_path / "resumed" / "manifest.json").is_file()
+
+
+def test_sigterm_generate(world, tmp_path):
+    check_clean_stop(tmp_path, 13, lambda out: miniplm(
+        "generate", "--model", world["model"], "--corpus", world["corpus"], "--output", out, "--max-instances", 48,
+        "--part-instances", 4, "--batch-size", 4, "--prompt-min", 8, "--prompt-max", 24, "--threads", 1,
+        "--progress", "false"), lambda out: lambda: parts(out) >= 1)
+
+
+TRAIN_STEPS = 300  # long enough that the signal lands while it trains (40 tiny steps take under a second)
+
+
+def train_command(world, out: Path, steps: int = TRAIN_STEPS) -> list[str]:
+    return miniplm("train", "--corpus", world["corpus"], "--output", out, "--model", "qwen2-tiny", "--batch-size", 4,
+                   "--max-steps", steps, "--warmup-steps", 4, "--save-every", 10, "--log-every", 1, "--precision",
+                   "fp32", "--threads", 1, "--progress", "false", "--order", "shuffled")
+
+
+def newest_checkpoint(output: Path) -> int:
+    return max((int(p.name.split("-")[1]) for p in (output / "checkpoints").glob("step-*[0-9]")), default=0)
+
+
+def assert_stopped_at_a_saved_step(output: Path) -> None:
+    """A stopped training run saved the step it finished: its last logged step has a checkpoint (save_every
+    alone would have saved only every 10th)."""
+    logged = [json.loads(x)["step"] for x in (output / "metrics.jsonl").read_text().splitlines()]
+    assert logged and newest_checkpoint(output) == logged[-1] < TRAIN_STEPS
+
+
+def assert_same_curve(a: Path, b: Path, atol: float = 1e-5) -> None:
+    curves = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
+    assert [r["step"] for r in curves[0]] == [r["step"] for r in curves[1]]
+    assert np.allclose([r["loss"] for r in curves[0]], [r["loss"] for r in curves[1]], atol=atol)
+
+
+def logged_steps(output: Path) -> int:
+    path = output / "metrics.jsonl"
+    return path.read_text().count("\n") if path.is_file() else 0
+
+
+def at_a_seeded_step(output: Path, seed: int):
+    """True once the run has logged a seeded number of steps (well before its end)."""
+    target = random.Random(seed).randint(TRAIN_STEPS // 10, TRAIN_STEPS // 3)
+    return lambda: logged_steps(output) >= target
+
+
+def test_sigterm_train_saves_the_step_it_finished(world, tmp_path):
+    run_to_end(train_command(world, tmp_path / "whole"))
+    resumed = tmp_path / "resumed"
+    code, err, waited = terminate(train_command(world, resumed), at_a_seeded_step(resumed, 15), 0.0, 15)
+    assert code == 143 and RESUME_LINE in err and waited < 30, err[-3000:]
+    assert_stopped_at_a_saved_step(resumed)  # past the last of save_every's checkpoints: nothing lost
+    run_to_end(train_command(world, resumed))
+    assert_same_curve(tmp_path / "whole", resumed)
+    assert_no_leftovers(tmp_path)
+
+
+def torchrun(port: int, *args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+            *miniplm(*args)[1:]]
+
+
+def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(world, tmp_path):
+    """torchrun passes the SIGTERM on to its workers; the ranks agree on the step to stop after."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(out: Path) -> list[str]:
+        return torchrun(29561, *train_command(world, out)[3:])
+
+    subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True, env=env, timeout=300)
+    resumed = tmp_path / "resumed"
+    code, err, waited = terminate(command(resumed), at_a_seeded_step(resumed, 16), 0.0, 16, env)
+    assert err.count(RESUME_LINE) == 2 and waited < 30, err[-3000:]  # each rank stopped cleanly
+    assert_stopped_at_a_saved_step(resumed)
+    subprocess.run(command(resumed), check=True, capture_output=True, env=env, timeout=300)
+    assert_same_curve(tmp_path / "whole", resumed, atol=1e-6)
+
+
+def test_sigterm_under_ray_keeps_the_parts_its_actors_finished(world, tmp_path):
+    pytest.importorskip("ray")
+
+    def command(out: Path) -> list[str]:
+        return miniplm("score", "--model", world["model"], "--corpus", world["corpus"], "--output", out,
+                       "--precision", "fp32", "--part-tokens", 100, "--batch-tokens", 128, "--progress", "false",
+                       "--executor", "ray", "--ray-actors", 2, "--threads", 1)
+
+    run_to_end(command(tmp_path / "whole"))
+    total = parts(tmp_path / "whole")
+    target = random.Random(17).randint(total // 10, total // 3)  # Ray scores hundreds of tiny parts a second:
+    resumed = tmp_path / "resumed"  # the signal goes out once a seeded number of them is written
+    code, err, waited = terminate(command(resumed), lambda: parts(resumed) >= target, 0.0, 17)
+    assert code == 143 and RESUME_LINE in err and waited < 30, (code, waited, err[-3000:])
+    assert target <= parts(resumed) < total
+    run_to_end(command(resumed))
+    assert_same_outputs(tmp_path / "whole", resumed)

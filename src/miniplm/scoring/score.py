@@ -132,8 +132,9 @@ def build_scorer(config: ScoreConfig, corpus: PackedCorpus, local_rank: int = 0,
     return scorer, model, context_length(model)
 
 
-def score_part(scorer, split: PackedSplit, job: ScoreJob, part: int) -> pa.Table:
-    """Score one part of the plan and return its rows sorted by instance_id."""
+def score_part(scorer, split: PackedSplit, job: ScoreJob, part: int, on_batch=None) -> pa.Table:
+    """Score one part of the plan and return its rows sorted by instance_id; `on_batch(tokens)` after each
+    batch (a progress bar's advance)."""
     indices = job.parts[part]
     columns: list[list[np.ndarray]] = []
     ids = []
@@ -142,6 +143,8 @@ def score_part(scorer, split: PackedSplit, job: ScoreJob, part: int) -> pa.Table
         result = scorer.score_with_features(instances) if job.config.features else scorer.score(instances)
         ids.append(job.instance_ids[batch])
         columns.append(list(result))
+        if on_batch is not None:
+            on_batch(int(job.lengths[batch].sum()))
     ids_ = np.concatenate(ids)
     order = np.argsort(ids_, kind="stable")
     sums, counts, *features = (np.concatenate(parts)[order] for parts in zip(*columns))
@@ -297,8 +300,7 @@ def _run_local(scorer, split: PackedSplit, job: ScoreJob, parts: list[int], show
     total = int(sum(job.lengths[job.parts[p]].sum() for p in parts))
     with progress(show, total, "score") as advance:
         for part in parts:
-            write_part(job, part, score_part(scorer, split, job, part))
-            advance(int(job.lengths[job.parts[part]].sum()))
+            write_part(job, part, score_part(scorer, split, job, part, on_batch=advance))
             stop.check()
 
 
