@@ -242,6 +242,10 @@ def config_report_paired(e: Env) -> str:
     return e.cli("report", "--runs", e.tmp, "--paired", "a:b")
 
 
+def config_grace(e: Env) -> str:
+    return e.cli("select", "--grace-s", "0")
+
+
 # -- models -----------------------------------------------------------------------------------------------
 def model_missing(e: Env) -> str:
     return e.cli("score", "--model", e.tmp / "no-model", "--corpus", e.corpus, "--output", e.tmp / "s")

@@ -67,14 +67,6 @@ def test_a_second_signal_ends_the_process_at_once():
     assert proc.returncode == -signal.SIGTERM and time.time() - sent < 5
 
 
-def test_grace_must_be_positive(capsys):
-    from miniplm.cli import main
-
-    with pytest.raises(SystemExit) as exited:
-        main(["select", "--grace-s", "0"])
-    assert exited.value.code == 2 and "--grace-s: give a positive number of seconds" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("speed, unit, text", [(None, "steps", ""), (0.25, "steps", "4.0 s/step"),
                                                (2.345, "steps", "2.3 steps/s"), (12345.6, "tokens", "12,346 tokens/s"),
                                                (0.5, "instances", "2.0 s/instance")])

@@ -517,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         args.command = f"{args.command} {args.subcommand}"
     command = commands[args.command]
     if not args.grace_s > 0:
-        parser.error(f"--grace-s: give a positive number of seconds, not {args.grace_s:g}")
+        print(f"miniplm {args.command}: error: --grace-s: give a positive number of seconds, not {args.grace_s:g}",
+              file=sys.stderr)
+        return 2
     try:
         with graceful_stop(args.grace_s):
             return _main(command, args)
