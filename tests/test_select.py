@@ -159,7 +159,8 @@ def test_config_refuses_bad_values(override, message):
         load_config(SelectConfig, None, override)
 
 
-def test_end_to_end_with_real_models_and_the_report(prepared_corpus, tiny_model_dir, tokenizer_dir, tmp_path):
+def test_end_to_end_with_real_models_and_the_report(prepared_corpus, tiny_model_dir, tokenizer_dir, tmp_path,
+                                                     capsys):
     from conftest import save_tiny_llama
     from miniplm.cli import main
     from miniplm.scoring.score import ScoreConfig, score
@@ -171,6 +172,8 @@ def test_end_to_end_with_real_models_and_the_report(prepared_corpus, tiny_model_
     code = main(["select", "--corpus", str(prepared_corpus), "--teacher", str(tmp_path / "teacher"),
                  "--reference", str(tmp_path / "ref"), "--output", str(tmp_path / "sel"), "--progress", "false"])
     assert code == 0
+    printed = capsys.readouterr().out
+    assert f"select: report in {tmp_path / 'sel' / 'report.md'}" in printed and ".partial" not in printed
     report = (tmp_path / "sel" / "report.md").read_text()
     for figure in ("key_histogram.png", "teacher_vs_reference.png", "domains.png"):
         assert (tmp_path / "sel" / "report" / figure).stat().st_size > 5000

@@ -99,7 +99,7 @@ def ngram_diagnostic_table(found: dict, title: str = "## N-gram diagnostic") -> 
     return [*lines, ""]
 
 
-def write_report(selection_dir: str | Path, manifest: dict, log=print) -> Path:
+def write_report(selection_dir: str | Path, manifest: dict) -> Path:
     """The report of the selection in `selection_dir`, whose manifest (or the facts it will hold) is `manifest`."""
     out = Path(selection_dir)
     rows = out / "instances.parquet"
@@ -128,7 +128,6 @@ def write_report(selection_dir: str | Path, manifest: dict, log=print) -> Path:
     lines += _samples(rows, PackedCorpus(manifest["corpus"]["path"]), manifest["corpus"]["split"])
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
-    log(f"select: report written to {path}")
     return path
 
 

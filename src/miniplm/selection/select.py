@@ -321,7 +321,9 @@ class Select(Stage):
                 corpus, config.split, {"pool": ids, "kept": ids[selected.column("selected").to_numpy()]}, splits,
                 config.diagnostic_max_instances)
         if config.report:
-            write_report(out, {**facts, "config": to_dict(config)}, log)
+            # written into the staged directory, which becomes config.output: name the final place
+            report = write_report(out, {**facts, "config": to_dict(config)})
+            log(f"select: report in {Path(config.output) / report.name} (figures in {Path(config.output) / 'report'})")
         return facts
 
     def summary(self, manifest: dict) -> str:
