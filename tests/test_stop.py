@@ -85,3 +85,35 @@ def test_the_bar_shows_the_rate_of_this_process_and_an_eta():
     text = console.export_text()
     assert "6/10 steps" in text and "2.0 s/step" in text and "ETA 0:00:08" in text
     assert "0 steps/s" not in text
+
+
+def test_a_stop_inside_export_drops_its_staged_output_and_the_rerun_is_whole(export_selection, tmp_path,
+                                                                              monkeypatch):
+    """A stage that writes its output whole (prepare, export, select, eval) abandons it at the unit boundary:
+    nothing is left, and the rerun writes what an uninterrupted run writes. The signal is sent from the
+    export's own progress callback, so it lands inside the loop."""
+    import miniplm.export.export as export_module
+    from conftest import export_run
+
+    _, whole = export_run(export_selection, tmp_path / "whole", "megatron")
+
+    class signalling_progress:  # the export's bar: its first advance sends this process a SIGTERM
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return lambda n: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.05))
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(export_module, "progress", signalling_progress)
+    with stop.graceful_stop(30), pytest.raises(stop.Stopped):
+        export_run(export_selection, tmp_path / "stopped", "megatron")
+    assert not (tmp_path / "stopped" / "megatron").exists() and not list(tmp_path.rglob("*.partial"))
+    monkeypatch.undo()
+    _, resumed = export_run(export_selection, tmp_path / "stopped", "megatron")
+    files = sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert files == sorted(p.relative_to(resumed) for p in resumed.rglob("*") if p.is_file()
+                           and p.name != "manifest.json")
+    assert all((whole / f).read_bytes() == (resumed / f).read_bytes() for f in files)
