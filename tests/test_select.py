@@ -229,3 +229,30 @@ def test_ngram_diagnostic_sees_a_selection_move_toward_a_domain(tokenizer_dir, t
     assert levels["kept"]["bigram"]["loss_per_token"] == pytest.approx(nats.sum() / counts.sum(), rel=1e-12)
     with pytest.raises(ValueError, match="has no split 'nope'; it has: "):
         run(s, name="bad", diagnostic_splits=["nope"])
+
+
+def test_a_domain_where_the_teacher_has_no_edge_is_warned_of(setting):
+    """The teacher's edge per domain (token-weighted teacher - reference mean log-prob on the pool) is in the
+    manifest; a domain holding over 10% of the pool's tokens where it is not positive gets a warning."""
+    s = setting
+    names, counts = np.unique(s["domains"], return_counts=True)
+    big = names[np.argmax(counts)]
+    teacher = np.where(s["domains"] == big, s["f"] - 0.5, s["t"])  # worse than the reference in the big domain
+    write_scores(s["tmp"] / "t-flat", s["corpus"], teacher)
+    logs = []
+    cfg = load_config(SelectConfig, None, {"corpus": str(s["corpus"]), "teacher": str(s["tmp"] / "t-flat"),
+                                           "reference": str(s["ref"]), "output": str(s["tmp"] / "edge"),
+                                           "report": False, "progress": False})
+    edge = select(cfg, log=logs.append).manifest["teacher_edge"]
+    mask = s["domains"] == big
+    expected = np.average((teacher - s["f"])[mask], weights=s["lengths"][mask])
+    assert edge[big]["edge"] == pytest.approx(expected) and edge[big]["edge"] < 0
+    assert edge[big]["token_share"] == pytest.approx(s["lengths"][mask].sum() / s["lengths"].sum())
+    warned = [m for m in logs if "has no edge" in m]
+    assert len(warned) == 1 and f"domain '{big}'" in warned[0]
+    # the setting's own scores: the teacher ahead everywhere, no warning
+    logs.clear()
+    manifest = select(load_config(SelectConfig, None, {"corpus": str(s["corpus"]), "teacher": str(s["teacher"]),
+                                                       "reference": str(s["ref"]), "output": str(s["tmp"] / "ok"),
+                                                       "report": False, "progress": False}), log=logs.append).manifest
+    assert all(v["edge"] > 0 for v in manifest["teacher_edge"].values()) and not [m for m in logs if "edge" in m]

@@ -537,6 +537,9 @@ class Pipeline:
                     for message in messages:
                         self.echo(f"        {message}")
                     raise
+                for message in messages:  # a finished stage's log is kept quiet, but not its warnings
+                    if "warning" in message:
+                        self.echo(f"        {message}")
                 gist = result.summary.splitlines()[-1] if result.summary else ""
                 self.wall_seconds.append({"stage": step.label, "seconds": round(time.time() - started, 1),
                                           "ran": result.ran})

@@ -102,6 +102,35 @@ class SelectConfig(Progress):
             raise ConfigError("domain_quota: a mapping needs at least one domain and no negative share")
 
 
+EDGE_DOMAIN_SHARE = 0.10  # a domain this large a share of the pool's tokens, with no teacher edge, is warned of
+
+
+def teacher_edge(arrays: ScoreArrays, log) -> dict[str, dict]:
+    """Per domain, the teacher's edge over the reference on the pool: token-weighted mean of (mean log p_teacher
+    - mean log p_ref), and the domain's share of the pool's tokens. Where the edge is not positive, r ranks that
+    domain by what the reference finds easy rather than by what the teacher knows better: select warns when such
+    a domain holds more than EDGE_DOMAIN_SHARE of the pool."""
+    sums = np.zeros(len(arrays.domain_names))
+    tokens = np.zeros(len(arrays.domain_names))
+    for s in arrays.chunks():
+        gap = arrays.teacher[s] - arrays.reference[s]
+        ok = np.isfinite(gap)
+        codes, weights = arrays.domain_codes[s][ok], arrays.n_tokens[s][ok].astype(np.float64)
+        sums += np.bincount(codes, weights=gap[ok] * weights, minlength=len(sums))
+        tokens += np.bincount(codes, weights=weights, minlength=len(tokens))
+    out = {}
+    for d, name in enumerate(arrays.domain_names):
+        edge = float(sums[d] / tokens[d]) if tokens[d] else None
+        share = float(tokens[d] / max(tokens.sum(), 1))
+        out[name] = {"edge": edge, "token_share": share}
+        if edge is not None and edge <= 0 and share > EDGE_DOMAIN_SHARE:
+            log(f"select: warning: in domain '{name}' ({share:.0%} of the pool's tokens) the teacher has no edge "
+                f"over the reference (mean log p_teacher - mean log p_ref = {edge:+.3f} nats/token): r there ranks "
+                f"by what the reference finds easy, not by what the teacher knows better (consider a teacher "
+                f"adapted to this data, or a random draw within this domain)")
+    return out
+
+
 class ScoreArrays:
     """Per-instance columns of one split, on disk: mean log-probs joined from the scoring runs."""
 
@@ -293,6 +322,8 @@ class Select(Stage):
                 cuts[d] = exact_top(_stream(arrays, keys_of, d, by_tokens), k, by_weight=by_tokens)
 
         domains = _write_rows(out / "instances.parquet", arrays, config, median, cuts)
+        if arrays.teacher is not None and arrays.reference is not None:
+            signal["teacher_edge"] = teacher_edge(arrays, log)
         kept = sum(v["kept"] for v in domains.values())
         facts = dict(
             corpus={"path": str(corpus.path), "key": corpus.key, "split": config.split},
