@@ -256,3 +256,30 @@ def test_a_domain_where_the_teacher_has_no_edge_is_warned_of(setting):
                                                        "reference": str(s["ref"]), "output": str(s["tmp"] / "ok"),
                                                        "report": False, "progress": False}), log=logs.append).manifest
     assert all(v["edge"] > 0 for v in manifest["teacher_edge"].values()) and not [m for m in logs if "edge" in m]
+
+
+def test_the_unigram_selector_ranks_by_the_domains_own_unigram_model(setting):
+    """Keys recomputed through the n-gram levels' own unigram (`data.ngram.fit(1, ...)`, per domain): equal
+    to the selector's; the kept half is the top half of each domain by that key."""
+    from miniplm.core.tokens import masked_id_array, scored_targets
+    from miniplm.data import ngram
+
+    s = setting
+    manifest, rows = run(s, "unigram", selector="unigram", domain_quota="proportional")
+    corpus = PackedCorpus(s["corpus"])
+    tokenizer = corpus.load_tokenizer()
+    masked = masked_id_array(corpus.eos_id, tokenizer)
+    split = corpus.split("train")
+    instances = [np.asarray(split[i]) for i in range(s["n"])]
+    expected = np.full(s["n"], np.nan)
+    for domain in set(s["domains"]):
+        ids = np.flatnonzero(s["domains"] == domain)
+        model = ngram.fit(1, [instances[i] for i in ids], len(tokenizer), masked)
+        nats, counts = ngram.instance_losses(model, [instances[i] for i in ids], masked)
+        expected[ids] = -nats / counts
+    assert np.allclose(rows["key"], expected, rtol=0, atol=1e-12)
+    assert manifest["unigram"]["fit_tokens"] == sum(len(scored_targets(x, masked)[1]) for x in instances)
+    for domain in set(s["domains"]):
+        ids = np.flatnonzero(s["domains"] == domain)
+        k = manifest["domains"][domain]["kept"]
+        assert kept(rows) & set(ids.tolist()) == {int(ids[i]) for i in top_ids(expected[ids], k)}

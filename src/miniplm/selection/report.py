@@ -30,6 +30,8 @@ MEANING = {
     "random": "key = a seeded uniform number per instance.",
     "classifier": "key = log-odds of a logistic regression on hashed word n-grams trained to tell the target's "
                   "text from a random sample of the pool: the most target-like text is kept.",
+    "unigram": "key = mean log p of the instance's tokens under its domain's add-one unigram model of the pool: "
+               "the most typical text of each domain is kept (no model).",
 }
 
 

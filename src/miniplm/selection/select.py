@@ -37,11 +37,12 @@ from miniplm.data.shards import PackedCorpus
 from miniplm.selection.classifier import check_target, classifier_keys
 from miniplm.selection.report import write_report
 from miniplm.selection.topk import Cut, exact_top
+from miniplm.selection.unigram import unigram_keys
 
 CHUNK = 1 << 20
 SELECTORS = ("difference", "teacher-ppl", "ref-ppl", "random", "classifier")
 NEEDS = {"difference": ("teacher", "reference"), "teacher-ppl": ("teacher",), "ref-ppl": ("reference",),
-         "random": (), "classifier": ()}
+         "random": (), "classifier": (), "unigram": ()}
 
 ROW_SCHEMA = pa.schema([("instance_id", pa.int64()), ("domain", pa.string()), ("n_tokens", pa.int32()),
                         ("teacher_logp", pa.float64()), ("ref_logp", pa.float64()), ("key", pa.float64()),
@@ -55,9 +56,10 @@ class SelectConfig(Progress):
     teacher: str | None = option("out/scores/teacher", "the teacher's `miniplm score` output")
     reference: str | None = option("out/scores/ref", "the reference model's `miniplm score` output")
     output: str = option("out/selection", "output directory", hashed=False)
-    selector: Literal["difference", "teacher-ppl", "ref-ppl", "random", "classifier"] = option(
-        "difference", "difference (MiniPLM), teacher-ppl, ref-ppl, random, or classifier (log-odds of a hashed "
-        "n-gram logistic regression: --target against the pool; no model)")
+    selector: Literal["difference", "teacher-ppl", "ref-ppl", "random", "classifier", "unigram"] = option(
+        "difference", "difference (MiniPLM), teacher-ppl, ref-ppl, random, classifier (log-odds of a hashed "
+        "n-gram logistic regression: --target against the pool; no model), or unigram (mean log-prob under its "
+        "domain's add-one unigram model of the pool: most typical first; no model)")
     ref_band: Literal["low", "middle", "high"] = option(
         "middle", "ref-ppl: keep the lowest, the middle or the highest reference losses")
     alpha: float = option(0.5, "fraction of instances to keep, in (0, 1] (ignored with budget_tokens)")
@@ -151,6 +153,7 @@ class ScoreArrays:
         self.teacher: np.ndarray | None = None
         self.reference: np.ndarray | None = None
         self.classifier: np.ndarray | None = None
+        self.unigram: np.ndarray | None = None
 
     def load(self, name: str, run_dir: str, corpus: PackedCorpus, split: str) -> None:
         """Join one scoring run, refusing runs of another corpus, unfinished runs and missing rows."""
@@ -212,6 +215,8 @@ def _keys(config: SelectConfig, arrays: ScoreArrays, s: slice, median: float | N
         key = {"low": f, "high": -f, "middle": -np.abs(f - (median if median is not None else 0.0))}[config.ref_band]
     elif config.selector == "classifier":
         key = arrays.classifier[s].copy()
+    elif config.selector == "unigram":
+        key = arrays.unigram[s].copy()
     else:
         key = uniform_hash(config.seed, ids)
     if config.temperature is not None:
@@ -272,6 +277,10 @@ class Select(Stage):
             arrays.classifier, signal["classifier"] = classifier_keys(
                 config.target, corpus, config.split, arrays.n, work / "classifier.npy", config.classifier_ngrams,
                 config.classifier_features, config.classifier_sample, config.seed, log)
+
+        if config.selector == "unigram":
+            arrays.unigram, signal["unigram"] = unigram_keys(corpus, config.split, arrays.n, arrays.domain_codes,
+                                                  len(arrays.domain_names), work / "unigram.npy")
 
         median = None
         if config.selector == "ref-ppl" and config.ref_band == "middle":
