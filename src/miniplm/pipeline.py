@@ -541,9 +541,9 @@ class Pipeline:
                     if "warning" in message:
                         self.echo(f"        {message}")
                 gist = result.summary.splitlines()[-1] if result.summary else ""
-                self.wall_seconds.append({"stage": step.label, "seconds": round(time.time() - started, 1),
-                                          "ran": result.ran})
-                self.echo(f"        {'done' if result.ran else 'cached'} in {time.time() - started:.1f} s"
+                seconds = time.time() - started
+                self.wall_seconds.append({"stage": step.label, "seconds": round(seconds, 1), "ran": result.ran})
+                self.echo(f"        {'done' if result.ran else 'cached'} in {seconds:.1f} s"
                           + (f": {gist}" if gist else ""))
             if self.config.compare is not None:
                 self.compare_report()

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from miniplm.evaluation.comparison import compare
 from miniplm.evaluation.final import POINTS_FILE, SPLITS_FILE, TASKS_FILE
 from miniplm.evaluation.report import cost_rows
-from miniplm.evaluation.scaling import compute_saving, fit_scaling_law, measured_saving, read_curve
+from miniplm.evaluation.scaling import compute_saving, curve_rows, fit_scaling_law, measured_saving, read_curve
 from miniplm.selection.select import NEEDS
 
 STUDENT_FILES = ("eval.jsonl", "metrics.jsonl", TASKS_FILE, SPLITS_FILE, "manifest.json")
@@ -110,8 +110,7 @@ def students(results: Path) -> dict[str, dict]:
         manifest = read_json(directory / "manifest.json")
         if not manifest:
             continue
-        curve = [json.loads(x) for x in (directory / "eval.jsonl").read_text().splitlines()] \
-            if (directory / "eval.jsonl").is_file() else []
+        curve = curve_rows(directory) if (directory / "eval.jsonl").is_file() else []
         # a run keeps the final evaluations in the student's evaluation/ directory, a results folder beside it
         finals = directory / "evaluation" if (directory / "evaluation").is_dir() else directory
         found[directory.name] = {"name": directory.name, "spec": specs.get(directory.name, {}),

@@ -97,13 +97,6 @@ def _rows(selection: Path, subset: str) -> Iterator[dict]:
             yield table.to_pydict()
 
 
-def _count(selection: Path, subset: str) -> int:
-    """How many rows `_rows` yields."""
-    selected = pq.read_table(selection / "instances.parquet", columns=["selected"]).column("selected")
-    kept = int(pc.sum(selected).as_py() or 0)
-    return {"all": len(selected), "selected": kept, "unselected": len(selected) - kept}[subset]
-
-
 def held_for_validation(instance_id: int, fraction: float | None) -> bool:
     """Whether `--val-fraction` moves the instance from train.bin to val.bin (fixed by its id)."""
     return fraction is not None and split_point(0, f"val/{instance_id}") < fraction
@@ -150,7 +143,9 @@ class Export(Stage):
         writer = fmt(Job(out, tokenizer, source_tok, corpus.eos_id, dtype, config))
         tokenizer_facts = writer.save_tokenizer() if fmt.tokens else {}
         count = tokens = held = 0
-        with progress(config.progress, _count(selection, config.subset), "export", unit="instances") as advance:
+        rows_to_export = {"all": sel_manifest["instances"], "selected": sel_manifest["kept"],
+                          "unselected": sel_manifest["instances"] - sel_manifest["kept"]}[config.subset]
+        with progress(config.progress, rows_to_export, "export", unit="instances") as advance:
             for rows in _rows(selection, config.subset):
                 for i, instance_id in enumerate(rows["instance_id"]):
                     ids = tokens_of(split[instance_id])

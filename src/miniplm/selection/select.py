@@ -40,7 +40,6 @@ from miniplm.selection.topk import Cut, exact_top
 from miniplm.selection.unigram import unigram_keys
 
 CHUNK = 1 << 20
-SELECTORS = ("difference", "teacher-ppl", "ref-ppl", "random", "classifier")
 NEEDS = {"difference": ("teacher", "reference"), "teacher-ppl": ("teacher",), "ref-ppl": ("reference",),
          "random": (), "classifier": (), "unigram": ()}
 
